@@ -1,0 +1,225 @@
+"""Open a checkpoint (a model folder or one weight file) without loading it.
+
+Tensors come back one at a time as zero-copy views of memory-mapped files: their pages belong to
+the page cache, not the process, so walking a 13B checkpoint costs no more anonymous memory than
+the tensors a command computes from them.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import pickle
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from workbench.dtypes import element_size
+from workbench.errors import WorkbenchError
+from workbench.io.safetensors_format import Header, Slot, read_header
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+BIN_INDEX = "pytorch_model.bin.index.json"
+# Looked for in this order when a folder is given.
+SINGLE_FILES = ["model.safetensors", "pytorch_model.bin", "adapter_model.safetensors", "adapter_model.bin"]
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    file: Path
+
+    @property
+    def nbytes(self) -> int:
+        numel = 1
+        for dim in self.shape:
+            numel *= dim
+        return numel * element_size(self.dtype)
+
+
+class Checkpoint:
+    """Lazy, read-only access to the tensors of a safetensors or PyTorch `.bin` checkpoint."""
+
+    def __init__(self, root: Path, files: list[Path], index_file: Path | None):
+        self.root = root
+        self.files = files
+        self.index_file = index_file
+        self.format = "safetensors" if files[0].suffix == ".safetensors" else "bin"
+        self.headers: dict[Path, Header] = {}
+        self._slots: dict[Path, dict[str, Slot]] = {}
+        self._maps: dict[Path, mmap.mmap] = {}
+        self._state_dicts: dict[Path, dict[str, torch.Tensor]] = {}
+        self.infos: dict[str, TensorInfo] = {}
+        for file in files:
+            for info in self._scan(file):
+                if info.name in self.infos:
+                    raise WorkbenchError(f"tensor {info.name!r} appears in more than one weight file", file)
+                self.infos[info.name] = info
+
+    # -- listing -------------------------------------------------------------------------------
+    def names(self) -> list[str]:
+        return list(self.infos)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.infos
+
+    def __len__(self) -> int:
+        return len(self.infos)
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self.infos[name]
+        except KeyError:
+            raise WorkbenchError(f"tensor {name!r} is not in this checkpoint", self.root) from None
+
+    def relative(self, file: Path) -> str:
+        return file.relative_to(self.root).as_posix() if file.is_relative_to(self.root) else file.name
+
+    @property
+    def weight_files(self) -> list[str]:
+        return [self.relative(f) for f in self.files]
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(info.nbytes for info in self.infos.values())
+
+    # -- reading -------------------------------------------------------------------------------
+    def tensor(self, name: str) -> torch.Tensor:
+        """A read-only view of the tensor's bytes in the mapped file (copy before modifying)."""
+        info = self.info(name)
+        if self.format == "bin":
+            return self._state_dict(info.file)[name]
+        header = self.headers[info.file]
+        slot = self._slots[info.file][name]
+        buffer = self._map(info.file)
+        if slot.nbytes == 0:
+            return torch.empty(info.shape, dtype=info.dtype)
+        flat = torch.frombuffer(buffer, dtype=torch.uint8, count=slot.nbytes, offset=header.data_start + slot.begin)
+        return flat.view(info.dtype).view(info.shape)
+
+    def iter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for name in self.infos:
+            yield name, self.tensor(name)
+
+    def close(self) -> None:
+        self._state_dicts.clear()
+        for mapped in self._maps.values():
+            try:
+                mapped.close()
+            except BufferError:  # a view is still alive; the mapping goes when it does
+                pass
+        self._maps.clear()
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- internals -----------------------------------------------------------------------------
+    def _scan(self, file: Path) -> list[TensorInfo]:
+        if file.suffix == ".safetensors":
+            header = read_header(file)
+            self.headers[file] = header
+            self._slots[file] = {s.name: s for s in header.slots}
+            return [TensorInfo(s.name, s.shape, s.dtype, file) for s in header.slots]
+        state = self._state_dict(file)
+        return [TensorInfo(n, tuple(t.shape), t.dtype, file) for n, t in state.items()]
+
+    def _map(self, file: Path) -> mmap.mmap:
+        if file not in self._maps:
+            with open(file, "rb") as handle:
+                # ACCESS_COPY: private and writable (torch.frombuffer wants a writable buffer),
+                # pages are shared with the page cache until written, which nothing here does.
+                self._maps[file] = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
+        return self._maps[file]
+
+    def _state_dict(self, file: Path) -> dict[str, torch.Tensor]:
+        if file not in self._state_dicts:
+            self._state_dicts[file] = load_bin(file)
+        return self._state_dicts[file]
+
+
+def load_bin(file: Path) -> dict[str, torch.Tensor]:
+    """`torch.load` with mmap and weights_only; a pickle that holds anything but tensors is refused."""
+    try:
+        state = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsupported object"
+        raise WorkbenchError(f"refusing to unpickle: weights_only=True rejected this file ({first})", file) from None
+    except RuntimeError as exc:
+        text = str(exc)
+        if "mmap" in text and "zipfile" in text:  # the legacy (pre-1.6) format cannot be mapped
+            state = _load_legacy_bin(file)
+        else:
+            raise WorkbenchError(f"cannot read PyTorch checkpoint, truncated or damaged: {text.splitlines()[0]}", file) from None
+    except (EOFError, OSError, ValueError) as exc:
+        raise WorkbenchError(f"cannot read PyTorch checkpoint, truncated or damaged: {exc}", file) from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WorkbenchError("not a state dict of tensors", file)
+    return state
+
+
+def _load_legacy_bin(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise WorkbenchError(f"refusing to unpickle: weights_only=True rejected this file ({exc})", file) from None
+    except Exception as exc:  # noqa: BLE001 - any failure here means a damaged file
+        raise WorkbenchError(f"cannot read PyTorch checkpoint, truncated or damaged: {exc}", file) from None
+
+
+def open_checkpoint(path: str | Path) -> Checkpoint:
+    """Open a model folder (sharded or single, safetensors or .bin) or one weight file."""
+    path = Path(path)
+    if not path.exists():
+        raise WorkbenchError("no such file or folder", path)
+    if path.is_file():
+        if path.name.endswith(".index.json"):
+            return _from_index(path)
+        if path.suffix not in (".safetensors", ".bin", ".pt", ".pth"):
+            raise WorkbenchError("not a weight file (expected .safetensors, .bin or an index .json)", path)
+        return Checkpoint(path.parent, [path], None)
+    for index_name in (SAFETENSORS_INDEX, BIN_INDEX):
+        if (path / index_name).is_file():
+            return _from_index(path / index_name)
+    for name in SINGLE_FILES:
+        if (path / name).is_file():
+            return Checkpoint(path, [path / name], None)
+    shards = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
+    if shards:
+        return Checkpoint(path, shards, None)
+    raise WorkbenchError("no weight files found (model.safetensors, an index, or pytorch_model.bin)", path)
+
+
+def _from_index(index_file: Path) -> Checkpoint:
+    root = index_file.parent.resolve()
+    try:
+        index = json.loads(index_file.read_text(encoding="utf-8"))
+        weight_map: dict[str, str] = index["weight_map"]
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise WorkbenchError(f"index does not parse: {exc}", index_file) from None
+    files: list[Path] = []
+    for shard in sorted(set(weight_map.values())):
+        candidate = (root / shard).resolve()
+        if Path(shard).is_absolute() or not candidate.is_relative_to(root):
+            raise WorkbenchError(f"index names a shard outside the model folder: {shard!r}", index_file)
+        if not candidate.is_file():
+            raise WorkbenchError(f"index names a missing shard {shard!r}", index_file)
+        files.append(candidate)
+    checkpoint = Checkpoint(root, files, index_file)
+    for name, shard in weight_map.items():
+        if name not in checkpoint.infos:
+            raise WorkbenchError(f"index says {name!r} is in {shard!r} but it is not there", index_file)
+        if checkpoint.infos[name].file != (root / shard).resolve():
+            raise WorkbenchError(f"index says {name!r} is in {shard!r} but it is in another shard", index_file)
+    if len(checkpoint.infos) != len(weight_map):
+        extra = sorted(set(checkpoint.infos) - set(weight_map))[:3]
+        raise WorkbenchError(f"shards hold tensors the index does not list: {extra}", index_file)
+    return checkpoint
