@@ -8,8 +8,7 @@ from pathlib import Path
 
 from workbench.errors import WorkbenchError
 from workbench.io.hashing import ALGOS, hash_files
-from workbench.io.reader import open_checkpoint
-from workbench.io.weightsum import checkpoint_weight_sum
+from workbench.io.layout import find_weight_files
 from workbench.progress import progress_bar
 
 
@@ -35,22 +34,27 @@ def checksum(
         raise WorkbenchError(f"unknown hash {algo!r}; use md5 or sha256")
     path = Path(path)
     root = path if path.is_dir() else path.parent
-    checkpoint = open_checkpoint(path) if (weight_sum or not all_files) else None
     if all_files:
         if not path.is_dir():
             raise WorkbenchError("--all-files needs a folder", path)
         files = sorted(p for p in path.rglob("*") if p.is_file() and not _hidden(p.relative_to(path)))
     else:
-        files = list(checkpoint.files)
+        files = find_weight_files(path).files
     names = [f.relative_to(root).as_posix() for f in files]
     total = sum(f.stat().st_size for f in files)
     with progress_bar(total, f"{algo} {path.name}") as bar:
         digests = hash_files(files, algo, jobs or os.cpu_count() or 1, on_bytes=bar.update)
-    total_sum = None
-    if checkpoint is not None and weight_sum:
-        with progress_bar(checkpoint.total_bytes, "weight-sum") as bar:
-            total_sum = checkpoint_weight_sum(checkpoint, on_bytes=bar.update)
+    total_sum = _weight_sum(path) if weight_sum else None
     return ChecksumResult(algo=algo, files=dict(zip(names, digests)), weight_sum=total_sum)
+
+
+def _weight_sum(path: Path) -> float:
+    # torch is imported only here: plain hashing starts without it.
+    from workbench.io.reader import open_checkpoint
+    from workbench.io.weightsum import checkpoint_weight_sum
+
+    with open_checkpoint(path) as checkpoint, progress_bar(checkpoint.total_bytes, "weight-sum") as bar:
+        return checkpoint_weight_sum(checkpoint, on_bytes=bar.update)
 
 
 def _hidden(relative: Path) -> bool:

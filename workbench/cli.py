@@ -65,7 +65,7 @@ def wb(ctx: click.Context, debug: bool) -> None:
 
 @wb.command()
 @click.argument("path", type=existing_path)
-@click.option("--algo", type=click.Choice(["md5", "sha256"]), default="md5", show_default=True)
+@click.option("--algo", type=click.Choice(["md5", "sha256"]), default="md5", show_default=True, help="Hash algorithm.")
 @click.option("--all-files", is_flag=True, help="Hash every file, not only the weight files.")
 @click.option("--weight-sum", is_flag=True, help="Also sum every tensor element in float64.")
 @click.option("-o", "--output", type=new_path, help="Write the list to this file instead of stdout.")

@@ -7,7 +7,6 @@ the tensors a command computes from them.
 
 from __future__ import annotations
 
-import json
 import mmap
 import pickle
 from collections.abc import Iterator
@@ -18,12 +17,8 @@ import torch
 
 from workbench.dtypes import element_size
 from workbench.errors import WorkbenchError
+from workbench.io.layout import find_weight_files
 from workbench.io.safetensors_format import Header, Slot, read_header
-
-SAFETENSORS_INDEX = "model.safetensors.index.json"
-BIN_INDEX = "pytorch_model.bin.index.json"
-# Looked for in this order when a folder is given.
-SINGLE_FILES = ["model.safetensors", "pytorch_model.bin", "adapter_model.safetensors", "adapter_model.bin"]
 
 
 @dataclass(frozen=True)
@@ -176,50 +171,20 @@ def _load_legacy_bin(file: Path) -> dict[str, torch.Tensor]:
 
 
 def open_checkpoint(path: str | Path) -> Checkpoint:
-    """Open a model folder (sharded or single, safetensors or .bin) or one weight file."""
-    path = Path(path)
-    if not path.exists():
-        raise WorkbenchError("no such file or folder", path)
-    if path.is_file():
-        if path.name.endswith(".index.json"):
-            return _from_index(path)
-        if path.suffix not in (".safetensors", ".bin", ".pt", ".pth"):
-            raise WorkbenchError("not a weight file (expected .safetensors, .bin or an index .json)", path)
-        return Checkpoint(path.parent, [path], None)
-    for index_name in (SAFETENSORS_INDEX, BIN_INDEX):
-        if (path / index_name).is_file():
-            return _from_index(path / index_name)
-    for name in SINGLE_FILES:
-        if (path / name).is_file():
-            return Checkpoint(path, [path / name], None)
-    shards = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
-    if shards:
-        return Checkpoint(path, shards, None)
-    raise WorkbenchError("no weight files found (model.safetensors, an index, or pytorch_model.bin)", path)
+    """Open a model folder (sharded or single, safetensors or .bin), an index, or one weight file."""
+    found = find_weight_files(path)
+    checkpoint = Checkpoint(found.root, found.files, found.index_file)
+    if found.weight_map is not None:
+        _check_index(checkpoint, found.weight_map)
+    return checkpoint
 
 
-def _from_index(index_file: Path) -> Checkpoint:
-    root = index_file.parent.resolve()
-    try:
-        index = json.loads(index_file.read_text(encoding="utf-8"))
-        weight_map: dict[str, str] = index["weight_map"]
-    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise WorkbenchError(f"index does not parse: {exc}", index_file) from None
-    files: list[Path] = []
-    for shard in sorted(set(weight_map.values())):
-        candidate = (root / shard).resolve()
-        if Path(shard).is_absolute() or not candidate.is_relative_to(root):
-            raise WorkbenchError(f"index names a shard outside the model folder: {shard!r}", index_file)
-        if not candidate.is_file():
-            raise WorkbenchError(f"index names a missing shard {shard!r}", index_file)
-        files.append(candidate)
-    checkpoint = Checkpoint(root, files, index_file)
+def _check_index(checkpoint: Checkpoint, weight_map: dict[str, str]) -> None:
     for name, shard in weight_map.items():
         if name not in checkpoint.infos:
-            raise WorkbenchError(f"index says {name!r} is in {shard!r} but it is not there", index_file)
-        if checkpoint.infos[name].file != (root / shard).resolve():
-            raise WorkbenchError(f"index says {name!r} is in {shard!r} but it is in another shard", index_file)
+            raise WorkbenchError(f"index says {name!r} is in {shard!r} but it is not there", checkpoint.index_file)
+        if checkpoint.infos[name].file != (checkpoint.root / shard).resolve():
+            raise WorkbenchError(f"index says {name!r} is in {shard!r} but it is in another shard", checkpoint.index_file)
     if len(checkpoint.infos) != len(weight_map):
         extra = sorted(set(checkpoint.infos) - set(weight_map))[:3]
-        raise WorkbenchError(f"shards hold tensors the index does not list: {extra}", index_file)
-    return checkpoint
+        raise WorkbenchError(f"shards hold tensors the index does not list: {extra}", checkpoint.index_file)

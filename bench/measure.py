@@ -1,0 +1,52 @@
+"""Run a command and measure its wall time and peak anonymous memory (RssAnon).
+
+RssAnon is what a process allocated for itself; pages of memory-mapped files are page cache and
+are not counted, which is exactly the distinction a streaming tool's memory claim rests on.
+Children are summed (a launcher's subprocesses count).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+
+
+def _rss_anon_kb(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1])
+    except (FileNotFoundError, ProcessLookupError):
+        pass
+    return 0
+
+
+def run_measured(cmd: list[str], env: dict | None = None, interval: float = 0.02) -> dict:
+    """{"wall_s", "peak_rss_anon_mb", "returncode", "stderr_tail"} of one run of `cmd`."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, text=True)
+    parent = psutil.Process(proc.pid)
+    peak = 0
+    while proc.poll() is None:
+        try:
+            pids = [proc.pid] + [c.pid for c in parent.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            break
+        peak = max(peak, sum(_rss_anon_kb(pid) for pid in pids))
+        time.sleep(interval)
+    stderr = proc.stderr.read() if proc.stderr else ""
+    wall = time.perf_counter() - start
+    return {
+        "wall_s": round(wall, 3),
+        "peak_rss_anon_mb": round(peak / 1024, 1),
+        "returncode": proc.returncode,
+        "stderr_tail": stderr[-2000:],
+    }
+
+
+def target(value: float, limit: float, higher_is_better: bool = False) -> dict:
+    met = value >= limit if higher_is_better else value <= limit
+    return {"value": round(value, 4), "target": ("≥ " if higher_is_better else "≤ ") + str(limit), "met": met}

@@ -1,0 +1,68 @@
+"""Which files of a model folder hold its weights: torch-free, so `wb checksum` starts instantly.
+
+Index files are validated here (shards inside the folder, present), whatever reads them next.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from workbench.errors import WorkbenchError
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+BIN_INDEX = "pytorch_model.bin.index.json"
+# Looked for in this order when a folder is given.
+SINGLE_FILES = ("model.safetensors", "pytorch_model.bin", "adapter_model.safetensors", "adapter_model.bin")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+@dataclass(frozen=True)
+class WeightFiles:
+    root: Path
+    files: list[Path]
+    index_file: Path | None
+    weight_map: dict[str, str] | None  # tensor name -> shard name, from the index
+
+
+def find_weight_files(path: str | Path) -> WeightFiles:
+    """A model folder (sharded or single, safetensors or .bin), an index file, or one weight file."""
+    path = Path(path)
+    if not path.exists():
+        raise WorkbenchError("no such file or folder", path)
+    if path.is_file():
+        if path.name.endswith(".index.json"):
+            return _from_index(path)
+        if path.suffix not in WEIGHT_SUFFIXES:
+            raise WorkbenchError("not a weight file (expected .safetensors, .bin or an index .json)", path)
+        return WeightFiles(path.parent, [path], None, None)
+    for index_name in (SAFETENSORS_INDEX, BIN_INDEX):
+        if (path / index_name).is_file():
+            return _from_index(path / index_name)
+    for name in SINGLE_FILES:
+        if (path / name).is_file():
+            return WeightFiles(path, [path / name], None, None)
+    shards = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
+    if shards:
+        return WeightFiles(path, shards, None, None)
+    raise WorkbenchError("no weight files found (model.safetensors, an index, or pytorch_model.bin)", path)
+
+
+def _from_index(index_file: Path) -> WeightFiles:
+    root = index_file.parent.resolve()
+    try:
+        weight_map = json.loads(index_file.read_text(encoding="utf-8"))["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError("weight_map is not an object")
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise WorkbenchError(f"index does not parse: {exc}", index_file) from None
+    files: list[Path] = []
+    for shard in sorted(set(weight_map.values())):
+        candidate = (root / shard).resolve()
+        if Path(shard).is_absolute() or not candidate.is_relative_to(root):
+            raise WorkbenchError(f"index names a shard outside the model folder: {shard!r}", index_file)
+        if not candidate.is_file():
+            raise WorkbenchError(f"index names a missing shard {shard!r}", index_file)
+        files.append(candidate)
+    return WeightFiles(root, files, index_file, weight_map)
