@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from tiny import make_tokenizer, save_tiny_model
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"

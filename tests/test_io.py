@@ -8,10 +8,10 @@ import struct
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
 from conftest import DTYPES, LAYOUTS
+from safetensors.torch import load_file, save_file
 from tiny import make_model, state_dict_for_files
+
 from workbench.errors import WorkbenchError
 from workbench.io.reader import open_checkpoint
 from workbench.io.writer import TensorSpec, plan_shards, write_checkpoint

@@ -7,7 +7,6 @@ never import transformers, peft or lm-eval.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import click
