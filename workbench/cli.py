@@ -117,6 +117,95 @@ def verify(path, checksums, expected_sum, atol, jobs, as_json):
         raise CheckFailed(result.failures, path)
 
 
+@wb.command("train")
+@click.option("--base", required=True, help="Base model: a local folder, or a hub id when online.")
+@click.option("--data", "data", required=True, multiple=True,
+              help="Training data: JSON or JSONL files, comma-separated or repeated.")
+@click.option("--out", required=True, type=new_path, help="Output folder DIR (adapter, tokenizer, logs, checkpoints/).")
+@click.option("--format", "fmt", type=click.Choice(["auto", "alpaca", "sharegpt", "columns"]), default="auto",
+              show_default=True, help="Data format; auto detects alpaca (instruction/input/output), sharegpt "
+              "(conversations of from/value, or messages of role/content) and prompt/response columns.")
+@click.option("--columns", help="Columns of prompt/response data, e.g. prompt=content,response=summary "
+              "(keys: prompt, response, optional query, system).")
+@click.option("--template", type=click.Choice(["auto", "llama3", "chatml", "default"]), default="auto",
+              show_default=True, help="Chat template: auto = the tokenizer's own; llama3, chatml; default = plain "
+              "'Human: ... Assistant: ...' + EOS for base models without one.")
+@click.option("--cutoff-len", type=click.IntRange(min=8), default=1024, show_default=True,
+              help="Longest example in tokens; longer ones are cut, always keeping the end-of-turn token.")
+@click.option("--train-on-prompt", is_flag=True, help="Compute the loss on prompt tokens too (default: answers only).")
+@click.option("--max-samples", type=click.IntRange(min=1), help="Use only the first N records of each file.")
+@click.option("--val-size", type=click.FloatRange(min=0), default=0, show_default=True,
+              help="Validation split: a fraction (< 1) or a number of examples; 0 = none.")
+@click.option("--lora-r", type=click.IntRange(min=1), default=8, show_default=True, help="LoRA rank.")
+@click.option("--lora-alpha", type=click.IntRange(min=1), help="LoRA alpha (default: 2 x rank).")
+@click.option("--lora-dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0, show_default=True,
+              help="Dropout on the LoRA input.")
+@click.option("--lora-target", default="all-linear", show_default=True,
+              help="Modules to adapt: all-linear (every linear layer but the output head) or a comma list, "
+              "e.g. q_proj,v_proj.")
+@click.option("--epochs", type=click.FloatRange(min=0, min_open=True), default=3.0, show_default=True,
+              help="Training epochs (may be fractional).")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True,
+              help="Peak learning rate.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Examples per device per micro-batch.")
+@click.option("--grad-accum", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Micro-batches per optimizer step (global batch = batch x accum x processes).")
+@click.option("--scheduler", type=click.Choice(["cosine", "linear", "constant", "constant_with_warmup"]),
+              default="cosine", show_default=True, help="Learning-rate schedule.")
+@click.option("--warmup-ratio", type=click.FloatRange(0, 1, max_open=True), default=0.1, show_default=True,
+              help="Fraction of the steps spent warming the learning rate up.")
+@click.option("--seed", type=int, default=42, show_default=True, help="Seed of LoRA init, data order and split.")
+@click.option("--gradient-checkpointing", is_flag=True, help="Recompute activations in backward: less memory, slower.")
+@click.option("--logging-steps", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Log (trainer_log.jsonl, stderr) every N optimizer steps.")
+@click.option("--save-steps", type=click.IntRange(min=1), default=500, show_default=True,
+              help="Write a checkpoint to DIR/checkpoints every N steps (and at the end).")
+@click.option("--eval-steps", type=click.IntRange(min=1), help="Evaluate every N steps when --val-size is set "
+              "(default: --save-steps; always at the end).")
+@click.option("--resume", is_flag=True, help="Continue from the last checkpoint in DIR/checkpoints (step count continues).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="auto = CUDA when present, else CPU.")
+@click.option("--dtype", type=click.Choice(DTYPES), default="auto", show_default=True,
+              help="Compute dtype: auto = bf16 where the device supports it, else fp32. fp16 needs --allow-fp16.")
+@click.option("--allow-fp16", is_flag=True, help="Permit fp16 training (refused by default: NaN losses on these models).")
+@click.option("--trust-remote-code", is_flag=True, help="Run the model repository's own Python code (off by default).")
+@click.option("--nproc", type=click.IntRange(min=1), help="Re-launch through `accelerate launch` with N processes.")
+@click.option("--strategy", type=click.Choice(["ddp", "fsdp", "zero2", "zero3"]),
+              help="Multi-process strategy with --nproc (default ddp); zero2/zero3 use DeepSpeed.")
+@force_option
+@json_option
+@click.pass_context
+def train_command(ctx, nproc, strategy, as_json, data, **options):
+    """LoRA supervised fine-tuning: an adapter of --base trained on --data, written to --out DIR.
+
+    DIR gets the adapter (PEFT layout), the tokenizer, train_args.json, trainer_log.jsonl, loss.svg,
+    metrics.json and checkpoints/. Under `accelerate launch -m workbench train ...` (or --nproc)
+    every process trains and rank 0 writes.
+    """
+    import os
+    import shlex
+
+    from workbench.train.launch import child_args, relaunch
+
+    files = [Path(part) for item in data for part in item.split(",") if part]
+    if nproc is not None:
+        ctx.exit(relaunch(ctx.command, ctx.params, nproc, strategy or "ddp", debug=ctx.obj.get("debug", False)))
+    from workbench.train.run import train
+
+    command = shlex.join(["wb", *child_args(ctx.command, ctx.params, skip=())])  # every option spelled out
+    metrics = train(data=files, strategy=strategy, command=command, **options)
+    if os.environ.get("RANK", "0") != "0":  # under a launcher only rank 0 reports
+        return
+    if as_json:
+        print_json(metrics)
+    else:
+        evaluated = f", eval_loss {metrics['eval_loss']:.4f}" if metrics["eval_loss"] is not None else ""
+        loss = metrics["final_loss"] if metrics["final_loss"] is not None else metrics["train_loss"]
+        click.echo(f"final loss {loss:.4f}{evaluated} after {metrics['steps']} steps, "
+                   f"{metrics['tokens_per_s']:,.0f} tokens/s; adapter in {options['out']}")
+
+
 def main() -> None:
     wb(prog_name="wb")
 
