@@ -206,6 +206,99 @@ def train_command(ctx, nproc, strategy, as_json, data, **options):
                    f"{metrics['tokens_per_s']:,.0f} tokens/s; adapter in {options['out']}")
 
 
+@wb.command("diff")
+@click.option("--base", required=True, type=existing_path,
+              help="RAW: the base model TUNED was fine-tuned from (folder or weight file; safetensors or .bin).")
+@click.option("--tuned", required=True, type=existing_path, help="TUNED: the fine-tuned model to publish as a diff.")
+@click.option("--out", required=True, type=new_path,
+              help="DIFF folder to write: a Hugging Face folder of TUNED - RAW plus weight_diff.json.")
+@click.option("--dtype", type=click.Choice([d for d in DTYPES if d != "auto"]), default="float32", show_default=True,
+              help="Storage dtype of the diff tensors (computed in float32, float64 if either side is). Elements a "
+                   "narrow dtype cannot carry exactly are kept in weight_diff_fixups.safetensors.")
+@click.option("--shard-size", default="5GB", show_default=True, help="Largest diff shard, e.g. 5GB, 500MB, 2GiB.")
+@force_option
+@json_option
+def diff_command(base, tuned, out, dtype, shard_size, force, as_json):
+    """Write DIFF = TUNED - RAW, tensor by tensor, so that only holders of RAW can rebuild TUNED.
+
+    When TUNED has more rows in embed_tokens / lm_head (added tokens), RAW is first resized as
+    Alpaca's smart_tokenizer_and_embedding_resize does: new rows = mean of the existing rows.
+    `wb recover` rebuilds TUNED from DIFF bit for bit (byte for byte for a safetensors TUNED).
+    """
+    from workbench.diff import make_diff
+
+    result = make_diff(base, tuned, out, dtype=dtype, max_shard_size=shard_size, force=force)
+    if as_json:
+        print_json(result.to_json())
+        return
+    size = sum(int(f["size"]) for f in result.files.values())
+    click.echo(f"wrote {out}: {result.tensors} tensors in {len(result.files)} file(s), {size / 1e6:.1f} MB of {result.dtype}")
+    for name, entry in result.resized.items():
+        click.echo(f"resized RAW's {name}: {entry['old_rows']} -> {entry['new_rows']} rows (new rows = mean of the existing rows)")
+    share = result.fixups / max(1, result.elements)
+    click.echo(f"fixups: {result.fixups} of {result.elements} elements ({share:.4%}) are not exact as base + diff; "
+               "kept in weight_diff_fixups.safetensors" if result.fixups else "fixups: none (base + diff is bit-exact everywhere)")
+    if share > 0.01:
+        click.echo(f"note: {share:.1%} of the elements need fixups; a wider --dtype makes a smaller, cleaner diff", err=True)
+    click.echo(f"weight-sum: RAW {result.base_weight_sum:.6f}, TUNED {result.tuned_weight_sum:.6f}")
+    if result.byte_layout_recorded:
+        click.echo("TUNED's file layout is recorded: wb recover will rebuild its weight files byte for byte")
+
+
+@wb.command("recover")
+@click.option("--base", required=True, type=existing_path, help="RAW: the base model the diff was made from.")
+@click.option("--diff", "diff_path", required=True, type=existing_path,
+              help="DIFF: a folder made by `wb diff`, or a plain HF folder of tuned - raw (Alpaca, KnowLM, FastChat).")
+@click.option("--out", required=True, type=new_path, help="Folder to write the recovered model to.")
+@click.option("--dtype", type=click.Choice(DTYPES), default="auto", show_default=True,
+              help="Dtype of OUT's floating tensors (auto: TUNED's for a wb diff, else the diff's own; additions "
+                   "are always done in float32, float64 if any side is).")
+@click.option("--expect-sum", type=float, help="Published weight-sum to check, e.g. 50637.1836 for Alpaca-7B.")
+@click.option("--atol", type=float, default=1e-2, show_default=True, help="Tolerance of the --expect-sum check.")
+@click.option("--checksums", type=existing_path, help="An md5sum/sha256sum list of OUT's files to check before OUT appears.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="Where the additions run (block by block; the result is identical on either).")
+@click.option("--shard-size", default="5GB", show_default=True,
+              help="Largest output shard when OUT's layout is not TUNED's recorded one, e.g. 5GB, 2GiB.")
+@force_option
+@json_option
+def recover_command(base, diff_path, out, dtype, expect_sum, atol, checksums, device, shard_size, force, as_json):
+    """Rebuild a fine-tuned model: OUT = resize(RAW) + DIFF, tensor by tensor, in bounded memory.
+
+    Every check (RAW is the right base, shapes and tensor names, bit-exactness for a wb diff,
+    --expect-sum, --checksums) passes before OUT appears; a failure leaves no OUT.
+    """
+    from workbench.recover import recover
+
+    result = recover(base, diff_path, out, dtype=dtype, expect_sum=expect_sum, atol=atol, checksums=checksums,
+                     device=device, max_shard_size=shard_size, force=force)
+    if as_json:
+        print_json(result.to_json())
+        return
+    size = sum(int(f["size"]) for f in result.files.values())
+    click.echo(f"recovered {result.tensors} tensors into {out} ({len(result.files)} weight file(s), {size / 1e6:.1f} MB) "
+               f"from {'a wb diff' if result.source == 'wb diff' else 'a diff made by another tool (no weight_diff.json)'}")
+    for name, entry in result.resized.items():
+        click.echo(f"resized RAW's {name}: {entry['old_rows']} -> {entry['new_rows']} rows (new rows = mean of the existing rows)")
+    if result.skipped:
+        click.echo(f"skipped {len(result.skipped)} rotary_emb.inv_freq buffer(s) present on one side only "
+                   "(transformers recomputes them)")
+    if result.fixups_applied:
+        click.echo(f"fixups applied: {result.fixups_applied}")
+    if result.byte_identical:
+        click.echo("weight files: byte-identical to TUNED's (md5 and sha256 checked against weight_diff.json)")
+    elif result.tensors_exact:
+        click.echo("tensors: bit-identical to TUNED's (sha256 of each tensor checked against weight_diff.json)")
+    if result.checksums:
+        click.echo(f"checksums: {len(result.checksums['files'])} file(s) OK ({result.checksums['algo']})")
+    line = f"weight-sum: {result.weight_sum:.6f}"
+    if result.expected is not None:
+        line += f" (expected {result.expected:.6f}, difference {result.difference:+.3g}, atol {result.atol:g}): OK"
+    elif result.tuned_weight_sum is not None:
+        line += f" (TUNED's, recorded by wb diff: {result.tuned_weight_sum:.6f}, difference {result.weight_sum - result.tuned_weight_sum:+.3g})"
+    click.echo(line)
+
+
 def main() -> None:
     wb(prog_name="wb")
 

@@ -1,0 +1,379 @@
+"""`wb recover`: OUT = resize(RAW) + DIFF, one row block at a time, checked before it appears.
+
+Two kinds of DIFF are accepted:
+
+- made by `wb diff` (it has `weight_diff.json`): RAW is checked tensor by tensor against the
+  recorded fingerprint (names, shapes, then the sha256 of each tensor as it is read), the fixups
+  are applied, and the result is checked bit for bit: a safetensors TUNED's files are rewritten
+  with their recorded headers and their md5/sha256 compared with the recorded ones; a `.bin`
+  TUNED's tensors are compared by sha256 one by one.
+- made by another tool (Alpaca, KnowLM, FastChat: a plain folder of `tuned - raw`, `.bin` or
+  safetensors, fp32 or fp16): added in float32 and cast to the diff's dtype (or `--dtype`).
+
+Every failed check raises before OUT is renamed into place, so a failure leaves no OUT.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+import torch
+
+from workbench.dtypes import parse_dtype, resolve_device
+from workbench.errors import CheckFailed, WorkbenchError
+from workbench.io.hashing import hash_file, parse_checksum_file
+from workbench.io.reader import Checkpoint, open_checkpoint
+from workbench.io.weightsum import float64_sum
+from workbench.io.writer import (
+    DEFAULT_SHARD_SIZE,
+    ShardPlan,
+    TensorSpec,
+    WriteReport,
+    copy_side_files,
+    parse_size,
+    plan_shards,
+    plans_from_headers,
+    write_checkpoint,
+)
+from workbench.outputs import atomic_dir, check_can_write
+from workbench.weight_diff import (
+    FIXUPS_FILE,
+    META_FILE,
+    TensorDigests,
+    add,
+    apply_fixups,
+    base_rows,
+    check_same_names,
+    compute_dtype,
+    decode_header,
+    dtype_from_name,
+    dtype_name,
+    fixup_names,
+    is_rotary_buffer,
+    mean_row,
+    one_compute_thread,
+    read_meta,
+    resized_rows,
+    row_ranges,
+    rows_of,
+)
+
+THE_BASE = "the base this diff was made from"
+
+
+@dataclass
+class RecoverResult:
+    out: Path
+    source: str  # "wb diff" or "other tool"
+    device: str
+    tensors: int
+    files: dict[str, dict]
+    weight_sum: float
+    expected: float | None
+    atol: float
+    tuned_weight_sum: float | None
+    fixups_applied: int
+    byte_identical: bool | None
+    tensors_exact: bool | None
+    resized: dict[str, dict]
+    skipped: list[str]
+    checksums: dict | None
+
+    @property
+    def difference(self) -> float | None:
+        return None if self.expected is None else self.weight_sum - self.expected
+
+    def to_json(self) -> dict:
+        return {
+            "out": str(self.out),
+            "source": self.source,
+            "device": self.device,
+            "tensors": self.tensors,
+            "weight_sum": self.weight_sum,
+            "expected": self.expected,
+            "difference": self.difference,
+            "atol": self.atol,
+            "tuned_weight_sum": self.tuned_weight_sum,
+            "files": self.files,
+            "fixups_applied": self.fixups_applied,
+            "byte_identical": self.byte_identical,
+            "tensors_exact": self.tensors_exact,
+            "resized": self.resized,
+            "skipped": self.skipped,
+            "checksums": self.checksums,
+        }
+
+
+@dataclass
+class _Job:
+    """How one OUT tensor is made and checked."""
+
+    name: str
+    shape: tuple[int, ...]
+    exact_dtype: torch.dtype  # what base + diff is rounded to (TUNED's dtype for a wb diff)
+    out_dtype: torch.dtype  # what OUT stores (differs only with an explicit --dtype)
+    old_rows: int | None = None  # RAW's rows when the resize rule applies
+    mean_dtype: torch.dtype | None = None
+    base_dtype: torch.dtype | None = None  # the recorded RAW dtype, its sha256 and sum
+    base_sha256: str | None = None
+    base_sum: float | None = None
+    tuned_sha256: str | None = None  # checked per tensor when the files' bytes are not compared
+
+
+@dataclass
+class _Plan:
+    jobs: dict[str, _Job]
+    shards: list[ShardPlan]
+    index: str | None = None
+    layout_files: dict[str, dict] | None = None  # recorded TUNED files to compare byte for byte
+    fixups: Checkpoint | None = None
+    resized: dict[str, dict] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
+    tuned_weight_sum: float | None = None
+
+
+def recover(
+    base: str | Path,
+    diff: str | Path,
+    out: str | Path,
+    *,
+    dtype: str | None = None,
+    expect_sum: float | None = None,
+    atol: float = 1e-2,
+    checksums: str | Path | None = None,
+    device: str = "cpu",
+    max_shard_size: str | int = DEFAULT_SHARD_SIZE,
+    force: bool = False,
+) -> RecoverResult:
+    """Rebuild TUNED from RAW and DIFF into `out`; every check passes before `out` appears."""
+    out, base, diff = Path(out), Path(base), Path(diff)
+    out_dtype = parse_dtype(dtype)
+    torch_device = resolve_device(device)
+    shard_size = parse_size(max_shard_size)
+    check_can_write(out, force)
+    checksum_list = parse_checksum_file(Path(checksums)) if checksums is not None else None
+    raw, delta = open_checkpoint(base), open_checkpoint(diff)
+    diff_dir = diff if diff.is_dir() else diff.parent
+    meta = read_meta(diff_dir)
+    if meta is not None:
+        plan = _plan_wb_diff(raw, delta, meta, diff_dir, out_dtype, shard_size, base)
+    else:
+        plan = _plan_other_diff(raw, delta, out_dtype, shard_size, base)
+    job = _RecoverPass(raw, delta, plan, torch_device, base, out)
+    with atomic_dir(out, force) as tmp:
+        with TensorDigests() as job.digests, one_compute_thread():
+            report = write_checkpoint(tmp, plan.shards, job.produce, index=plan.index, description="recover")
+        job.raise_mismatch()
+        copy_side_files(diff_dir, tmp)
+        failures = _byte_failures(plan, report)
+        if expect_sum is not None and abs(report.weight_sum - expect_sum) > atol:
+            failures.append(
+                f"weight-sum {report.weight_sum:.6f} differs from the expected {expect_sum:.6f} "
+                f"by {report.weight_sum - expect_sum:+.6g} (atol {atol:g})"
+            )
+        checked = _check_list(checksum_list, report, tmp, failures) if checksum_list else None
+        if failures:
+            raise CheckFailed(failures, out)
+    exact_checked = any(j.tuned_sha256 for j in plan.jobs.values())
+    return RecoverResult(
+        out=out,
+        source="wb diff" if meta is not None else "other tool",
+        device=str(torch_device),
+        tensors=len(plan.jobs),
+        files=report.files,
+        weight_sum=report.weight_sum,
+        expected=expect_sum,
+        atol=atol,
+        tuned_weight_sum=plan.tuned_weight_sum,
+        fixups_applied=job.fixups_applied,
+        byte_identical=True if plan.layout_files else None,
+        tensors_exact=True if (plan.layout_files or exact_checked) else None,
+        resized=plan.resized,
+        skipped=plan.skipped,
+        checksums=checked,
+    )
+
+
+# -- planning ------------------------------------------------------------------------------------
+def _plan_wb_diff(raw: Checkpoint, delta: Checkpoint, meta: dict, diff_dir: Path, out_dtype: torch.dtype | None,
+                  shard_size: int, base_path: Path) -> _Plan:
+    """Check RAW and DIFF against weight_diff.json and lay OUT out as TUNED was."""
+    recorded_base, recorded_tuned = meta["base"]["tensors"], meta["tuned"]["tensors"]
+    check_same_names(list(recorded_base), raw.names(), THE_BASE, "RAW", base_path)
+    for name, entry in recorded_base.items():
+        if list(raw.infos[name].shape) != entry["shape"]:
+            raise WorkbenchError(
+                f"RAW is not {THE_BASE}: tensor {name!r} has shape {list(raw.infos[name].shape)} in RAW, "
+                f"{entry['shape']} in {THE_BASE}",
+                base_path,
+            )
+    check_same_names(list(recorded_tuned), delta.names(), META_FILE, "DIFF", diff_dir)
+    for name, entry in recorded_tuned.items():
+        if list(delta.infos[name].shape) != entry["shape"]:
+            raise WorkbenchError(f"DIFF does not match its {META_FILE}: tensor {name!r} has shape "
+                                 f"{list(delta.infos[name].shape)}, recorded {entry['shape']}", diff_dir)
+    jobs: dict[str, _Job] = {}
+    for name, entry in recorded_tuned.items():
+        tuned_dtype = dtype_from_name(entry["dtype"])
+        base_entry = recorded_base[name]
+        resize = meta["resized"].get(name)
+        jobs[name] = _Job(
+            name=name,
+            shape=tuple(entry["shape"]),
+            exact_dtype=tuned_dtype,
+            out_dtype=out_dtype if (out_dtype is not None and tuned_dtype.is_floating_point) else tuned_dtype,
+            old_rows=resize["old_rows"] if resize else None,
+            mean_dtype=dtype_from_name(resize["mean_dtype"]) if resize else None,
+            base_dtype=dtype_from_name(base_entry["dtype"]),
+            base_sha256=base_entry["sha256"],
+            base_sum=base_entry.get("sum"),
+        )
+    plan = _Plan(jobs=jobs, shards=[], resized=meta["resized"], tuned_weight_sum=meta["tuned"].get("weight_sum"))
+    layout = meta["tuned"].get("layout")
+    same_dtypes = all(j.out_dtype == j.exact_dtype for j in jobs.values())
+    if layout is not None and same_dtypes:
+        plan.shards = plans_from_headers({name: decode_header(f["header"]) for name, f in layout["files"].items()})
+        in_layout = sorted(slot.name for shard in plan.shards for slot in shard.header.slots)
+        if in_layout != sorted(jobs):
+            raise WorkbenchError(f"{META_FILE} is inconsistent: its file layout does not hold the recorded tensors", diff_dir)
+        plan.index = layout["index"]["text"] if layout.get("index") else None
+        plan.layout_files = layout["files"]
+    else:
+        if same_dtypes:  # a .bin TUNED: no file bytes to compare, so compare each tensor
+            for name, job in jobs.items():
+                job.tuned_sha256 = recorded_tuned[name]["sha256"]
+        plan.shards = plan_shards([TensorSpec(j.name, j.shape, j.out_dtype) for j in jobs.values()], shard_size)
+    if meta["fixups"].get("count"):
+        plan.fixups = _open_fixups(diff_dir, meta)
+    return plan
+
+
+def _open_fixups(diff_dir: Path, meta: dict) -> Checkpoint:
+    path = diff_dir / FIXUPS_FILE
+    if not path.is_file():
+        raise WorkbenchError(f"{META_FILE} records {meta['fixups']['count']} fixups but {FIXUPS_FILE} is missing", diff_dir)
+    fixups = open_checkpoint(path)
+    for name in meta["fixups"].get("tensors", {}):
+        for part in fixup_names(name):
+            if part not in fixups:
+                raise WorkbenchError(f"{FIXUPS_FILE} lacks {part!r}", path)
+    return fixups
+
+
+def _plan_other_diff(raw: Checkpoint, delta: Checkpoint, out_dtype: torch.dtype | None, shard_size: int,
+                     base_path: Path) -> _Plan:
+    """A diff from another tool: same tensors as RAW (after the resize rule), added in float32."""
+    raw_names, diff_names = set(raw.names()), set(delta.names())
+    skipped = sorted(n for n in raw_names ^ diff_names if is_rotary_buffer(n))
+    check_same_names([n for n in delta.names() if n not in skipped], [n for n in raw.names() if n not in skipped],
+                     "DIFF", "RAW", base_path)
+    jobs: dict[str, _Job] = {}
+    resized: dict[str, dict] = {}
+    for name, info in delta.infos.items():
+        if name in skipped:
+            continue
+        raw_info = raw.infos[name]
+        old = resized_rows(name, raw_info.shape, info.shape, "RAW", "DIFF", base_path)
+        dtype = out_dtype if (out_dtype is not None and info.dtype.is_floating_point) else info.dtype
+        jobs[name] = _Job(name=name, shape=info.shape, exact_dtype=dtype, out_dtype=dtype, old_rows=old)
+        if old is not None:
+            jobs[name].mean_dtype = compute_dtype(raw_info.dtype, dtype)
+            resized[name] = {"old_rows": old, "new_rows": info.shape[0], "mean_dtype": dtype_name(jobs[name].mean_dtype)}
+    shards = plan_shards([TensorSpec(j.name, j.shape, j.out_dtype) for j in jobs.values()], shard_size)
+    return _Plan(jobs=jobs, shards=shards, resized=resized, skipped=skipped)
+
+
+# -- the pass ------------------------------------------------------------------------------------
+class _RecoverPass:
+    """Produces OUT's tensors block by block for the writer, checking RAW and the result as it goes."""
+
+    def __init__(self, raw: Checkpoint, delta: Checkpoint, plan: _Plan, device: torch.device, base_path: Path,
+                 out: Path):
+        self.raw, self.delta, self.plan, self.device = raw, delta, plan, device
+        self.base_path, self.out = base_path, out
+        self.digests: TensorDigests | None = None
+        self.fixups_applied = 0
+
+    def produce(self, spec: TensorSpec):
+        self.raise_mismatch()
+        job = self.plan.jobs[spec.name]
+        base, diff = self.raw.tensor(job.name), self.delta.tensor(job.name)
+        mean = mean_row(base, job.mean_dtype) if job.old_rows is not None else None
+        index, xor = self._fixups(job.name)
+        row = math.prod(job.shape[1:]) if job.shape else 1
+        for start, stop in row_ranges(job.shape):
+            result = self._add(base_rows(base, start, stop, job.old_rows, mean), rows_of(diff, start, stop), job.exact_dtype)
+            if index is not None:
+                self.fixups_applied += apply_fixups(result, index, xor, start * row)
+            if job.base_sha256 is not None:
+                raw_part = rows_of(base, start, stop if job.old_rows is None else min(stop, job.old_rows))
+                self.digests.update("base/" + job.name, raw_part.to(job.base_dtype))
+            if job.tuned_sha256 is not None:
+                self.digests.update("tuned/" + job.name, result)
+            yield result if result.dtype == job.out_dtype else result.to(job.out_dtype)
+        if job.base_sha256 is not None:
+            self.digests.finish("base/" + job.name, job.base_sha256)
+        if job.tuned_sha256 is not None:
+            self.digests.finish("tuned/" + job.name, job.tuned_sha256)
+
+    def _add(self, base: torch.Tensor, diff: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if self.device.type == "cpu":
+            return add(base, diff, dtype)
+        return add(base.to(self.device), diff.to(self.device), dtype).cpu()
+
+    def _fixups(self, name: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        index_name, xor_name = fixup_names(name)
+        if self.plan.fixups is None or index_name not in self.plan.fixups:
+            return None, None
+        return self.plan.fixups.tensor(index_name), self.plan.fixups.tensor(xor_name)
+
+    def raise_mismatch(self) -> None:
+        """Turn the first sha256 mismatch the digest thread found into the error it means."""
+        if not self.digests.mismatches:
+            return
+        key, expected, found = self.digests.mismatches[0]
+        kind, name = key.split("/", 1)
+        hashes = f"sha256 expected {expected[:16]}…, found {found[:16]}…"
+        if kind == "base":
+            job = self.plan.jobs[name]
+            sums = f"; weight-sum expected {job.base_sum:.6f}, found {float64_sum(self.raw.tensor(name)):.6f}"
+            dtype = self.raw.infos[name].dtype
+            hint = "" if dtype == job.base_dtype else f"; RAW has it in {dtype_name(dtype)}, the diff was made from {dtype_name(job.base_dtype)}"
+            raise WorkbenchError(f"RAW is not {THE_BASE}: tensor {name!r} differs ({hashes}{sums}{hint})", self.base_path)
+        raise WorkbenchError(f"recovered tensor {name!r} is not bit-identical to TUNED ({hashes}); DIFF is damaged", self.out)
+
+
+# -- checks after writing --------------------------------------------------------------------------
+def _byte_failures(plan: _Plan, report: WriteReport) -> list[str]:
+    if not plan.layout_files:
+        return []
+    failures = []
+    for name, recorded in plan.layout_files.items():
+        found = report.files[name]
+        if (found["size"], found["md5"], found["sha256"]) != (recorded["size"], recorded["md5"], recorded["sha256"]):
+            failures.append(f"{name}: not byte-identical to TUNED's (md5 expected {recorded['md5']}, found {found['md5']})")
+    return failures
+
+
+def _check_list(checksum_list: tuple[str, dict[str, str]], report: WriteReport, folder: Path,
+                failures: list[str]) -> dict:
+    """Compare OUT's files (weight files from the writer's hashes, others hashed here) with a list."""
+    algo, expected = checksum_list
+    states: dict[str, str] = {}
+    for listed, digest in expected.items():
+        name = str(PurePosixPath(listed))
+        path = (folder / name).resolve()
+        if name in report.files:
+            found = str(report.files[name][algo])
+        elif path.is_relative_to(folder.resolve()) and path.is_file():
+            found = hash_file(path, (algo,))[algo]
+        else:
+            states[listed] = "missing"
+            failures.append(f"{listed}: missing from OUT")
+            continue
+        states[listed] = "ok" if found == digest else "mismatch"
+        if found != digest:
+            failures.append(f"{listed}: {algo} mismatch (expected {digest}, found {found})")
+    return {"algo": algo, "files": states}

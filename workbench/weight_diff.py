@@ -1,0 +1,309 @@
+"""What `wb diff` and `wb recover` share: the resize rule, the add/subtract, fixups, weight_diff.json.
+
+Both commands must compute *exactly* the same thing, element for element: `wb diff` simulates the
+recovery with the functions below and records where it would not be bit-exact, so `wb recover`
+can rebuild TUNED bit for bit. Every operation here is elementwise (IEEE add/sub/convert, one
+rounding each) or a reduction in a fixed order, so the result does not depend on the number of
+threads, the CPU's vector width or the device (CPU or CUDA).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import json
+import queue
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from workbench.dtypes import TORCH_TO_SAFETENSORS
+from workbench.errors import WorkbenchError
+
+FORMAT_VERSION = 1
+META_FILE = "weight_diff.json"
+FIXUPS_FILE = "weight_diff_fixups.safetensors"
+RESIZE_RULE = "mean"  # new rows = mean of the existing rows (Alpaca's smart_tokenizer_and_embedding_resize)
+# Rows per block follow from this and the shape only (never the dtype), so diff and recover cut
+# tensors alike. 2M elements keeps every temporary (up to 16 MB in float64) under glibc's mmap
+# threshold: freed blocks are reused from the heap instead of being page-faulted in afresh.
+BLOCK_ELEMENTS = 2 * 1024 * 1024
+
+# Tensors whose first dimension is the vocabulary: the only ones a resize may grow.
+VOCAB_TENSORS = (
+    "embed_tokens.weight",
+    "lm_head.weight",
+    "wte.weight",
+    "word_embeddings.weight",
+    "embed_in.weight",
+    "embed_out.weight",
+    "output_layer.weight",
+)
+# A non-persistent buffer that transformers >= 4.31 neither saves nor loads; old .bin diffs
+# (Alpaca's) still carry it. When only one side has it, it is skipped rather than refused.
+ROTARY_BUFFER = "rotary_emb.inv_freq"
+
+_META_KEYS = ("wb_weight_diff_version", "dtype", "resized", "fixups", "base", "tuned")
+_BITS = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+# -- names, shapes, dtypes ---------------------------------------------------------------------
+def is_vocab_tensor(name: str) -> bool:
+    return any(name == s or name.endswith("." + s) for s in VOCAB_TENSORS)
+
+
+def is_rotary_buffer(name: str) -> bool:
+    return name.endswith(ROTARY_BUFFER)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    dtype = getattr(torch, name, None)
+    if not isinstance(dtype, torch.dtype) or dtype not in TORCH_TO_SAFETENSORS:
+        raise WorkbenchError(f"{META_FILE} names an unknown dtype {name!r}")
+    return dtype
+
+
+def check_same_names(left: list[str], right: list[str], left_label: str, right_label: str, path: Path) -> None:
+    """Refuse tensors present on one side only, naming (up to five of) them."""
+    left_set, right_set = set(left), set(right)
+    missing = [n for n in left if n not in right_set]
+    extra = [n for n in right if n not in left_set]
+    if missing:
+        raise WorkbenchError(f"{len(missing)} tensor(s) in {left_label} are missing from {right_label}: {_few(missing)}", path)
+    if extra:
+        raise WorkbenchError(f"{len(extra)} tensor(s) in {right_label} are not in {left_label}: {_few(extra)}", path)
+
+
+def _few(names: list[str]) -> str:
+    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+
+def resized_rows(name: str, base_shape: tuple[int, ...], target_shape: tuple[int, ...], base_label: str,
+                 target_label: str, path: Path) -> int | None:
+    """None when the shapes agree; the base's row count when the resize rule applies (a vocabulary
+    tensor that gained rows); otherwise the shape mismatch is an error naming the tensor."""
+    if base_shape == target_shape:
+        return None
+    grows = (
+        is_vocab_tensor(name)
+        and len(base_shape) == len(target_shape) >= 1
+        and base_shape[1:] == target_shape[1:]
+        and 0 < base_shape[0] < target_shape[0]
+    )
+    if not grows:
+        raise WorkbenchError(
+            f"tensor {name!r} has shape {list(base_shape)} in {base_label} but {list(target_shape)} in {target_label}", path
+        )
+    return base_shape[0]
+
+
+def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """float32, or float64 when any side is float64; integers and bools keep their own dtype."""
+    if any(d == torch.float64 for d in dtypes):
+        return torch.float64
+    if all(d.is_floating_point for d in dtypes):
+        return torch.float32
+    return dtypes[-1]
+
+
+@contextlib.contextmanager
+def one_compute_thread() -> Iterator[None]:
+    """Run torch's CPU ops on the calling thread only, for the length of a pass. The per-block
+    adds, conversions and sums are small and memory-bound, while the writer's and the digest
+    threads hash on the other cores; OpenMP workers spinning beside them cost two to three times
+    the CPU they save (measured on 2 cores: 8.9 s user with one thread, 28.7 s with two)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def row_ranges(shape: tuple[int, ...]) -> list[tuple[int, int]]:
+    """[start, stop) row blocks of about BLOCK_ELEMENTS; one block for scalars and small tensors."""
+    if not shape:
+        return [(0, 1)]
+    row = 1
+    for dim in shape[1:]:
+        row *= dim
+    rows = max(1, BLOCK_ELEMENTS // max(1, row))
+    return [(s, min(s + rows, shape[0])) for s in range(0, shape[0], rows)] or [(0, 0)]
+
+
+def rows_of(tensor: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+    return tensor if tensor.dim() == 0 else tensor[start:stop]
+
+
+# -- the arithmetic ------------------------------------------------------------------------------
+def subtract(tuned: torch.Tensor, base: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """tuned - base, computed in compute_dtype and stored in out_dtype (integers wrap, bools xor)."""
+    if tuned.dtype == torch.bool:
+        return torch.bitwise_xor(tuned, base.to(torch.bool))
+    if not tuned.is_floating_point():
+        return torch.sub(tuned, base.to(tuned.dtype))
+    tuned, base = _promoting(tuned, base, compute_dtype(tuned.dtype, base.dtype, out_dtype))
+    return torch.sub(tuned, base).to(out_dtype)
+
+
+def add(base: torch.Tensor, diff: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """base + diff, computed in compute_dtype and rounded once to out_dtype; always a new tensor."""
+    if out_dtype == torch.bool:
+        return torch.bitwise_xor(base.to(torch.bool), diff.to(torch.bool))
+    if not out_dtype.is_floating_point:
+        return torch.add(base.to(out_dtype), diff.to(out_dtype))
+    base, diff = _promoting(base, diff, compute_dtype(base.dtype, diff.dtype, out_dtype))
+    return torch.add(base, diff).to(out_dtype)
+
+
+def _promoting(a: torch.Tensor, b: torch.Tensor, acc: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Operands that make torch compute in `acc`: once one of them is `acc`, the other is promoted
+    inside the kernel (bf16/fp16 -> fp32 -> fp64 are exact), which saves a full-size copy."""
+    if a.dtype != acc and b.dtype != acc:
+        a = a.to(acc)
+    return a, b
+
+
+def mean_row(tensor: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+    """The mean of all rows, shape (1, ...), in `acc`: summed in float64 in a fixed order (pairwise
+    within a block, blocks in turn, elementwise adds only) so every machine gets the same bits."""
+    total = torch.zeros(tensor.shape[1:], dtype=torch.float64)
+    for start, stop in row_ranges(tuple(tensor.shape)):
+        block = tensor[start:stop].to(torch.float64)
+        while block.shape[0] > 1:
+            half = block.shape[0] // 2
+            folded = block[:half] + block[half:2 * half]
+            block = torch.cat([folded, block[2 * half:]]) if block.shape[0] % 2 else folded
+        total += block[0]
+    return (total / tensor.shape[0]).to(acc).unsqueeze(0)
+
+
+def base_rows(base: torch.Tensor, start: int, stop: int, old_rows: int | None, mean: torch.Tensor | None) -> torch.Tensor:
+    """Rows [start, stop) of resize(base): RAW's own rows, then copies of the mean row."""
+    if old_rows is None or stop <= old_rows:
+        return rows_of(base, start, stop)
+    assert mean is not None
+    tail = mean.expand(stop - max(start, old_rows), *mean.shape[1:])
+    if start >= old_rows:
+        return tail
+    return torch.cat([base[start:old_rows].to(mean.dtype), tail])
+
+
+# -- fixups: the elements where base + diff is not bit-exact --------------------------------------
+def bits(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensor's bit patterns as a flat signed integer tensor of the same width."""
+    return tensor.contiguous().reshape(-1).view(_BITS[tensor.element_size()])
+
+
+def find_fixups(recovered: torch.Tensor, tuned: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat indices (int64) where `recovered` differs from `tuned` bit-wise, and the XOR that turns
+    one into the other. The XOR is relative to base + diff, so it reveals nothing without RAW."""
+    have, want = bits(recovered), bits(tuned)
+    index = torch.nonzero(have != want).reshape(-1)
+    return index, torch.bitwise_xor(have[index], want[index])
+
+
+def apply_fixups(out: torch.Tensor, index: torch.Tensor, xor: torch.Tensor, offset: int) -> int:
+    """XOR the fixups whose flat index lies in this block (which starts at flat `offset`) into
+    `out` (a new, contiguous tensor); returns how many were applied."""
+    end = offset + out.numel()
+    lo, hi = (int(i) for i in torch.searchsorted(index, torch.tensor([offset, end], dtype=index.dtype)))
+    if lo == hi:
+        return 0
+    flat = out.view(-1).view(_BITS[out.element_size()])
+    positions = index[lo:hi] - offset
+    flat[positions] = torch.bitwise_xor(flat[positions], xor[lo:hi].to(flat.dtype))
+    return hi - lo
+
+
+def fixup_names(name: str) -> tuple[str, str]:
+    return f"{name}.fixup_index", f"{name}.fixup_xor"
+
+
+# -- per-tensor digests, on a background thread --------------------------------------------------
+class TensorDigests:
+    """sha256 of each tensor's bytes (C order), hashed on a background thread (hashlib releases
+    the GIL) while the caller computes the next block. `finish(name, expected)` queues a
+    comparison; mismatches appear in `mismatches` a little later (checked by the caller)."""
+
+    def __init__(self) -> None:
+        self.digests: dict[str, str] = {}
+        self.mismatches: list[tuple[str, str, str]] = []  # name, expected, found
+        self._hashers: dict[str, hashlib._Hash] = {}
+        self._queue: queue.Queue = queue.Queue(maxsize=8)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def update(self, name: str, tensor: torch.Tensor) -> None:
+        self._queue.put((name, tensor.contiguous().reshape(-1).view(torch.uint8).numpy(), None))
+
+    def finish(self, name: str, expected: str | None = None) -> None:
+        self._queue.put((name, None, expected))
+
+    def close(self) -> dict[str, str]:
+        self._queue.put(None)
+        self._thread.join()
+        return self.digests
+
+    def __enter__(self) -> TensorDigests:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            name, data, expected = item
+            hasher = self._hashers.setdefault(name, hashlib.sha256())
+            if data is not None:
+                hasher.update(data)
+                continue
+            found = self._hashers.pop(name).hexdigest()
+            self.digests[name] = found
+            if expected is not None and found != expected:
+                self.mismatches.append((name, expected, found))
+
+
+# -- weight_diff.json --------------------------------------------------------------------------
+def encode_header(raw: bytes) -> str:
+    return base64.b64encode(raw).decode("ascii")
+
+
+def decode_header(text: str) -> bytes:
+    return base64.b64decode(text.encode("ascii"), validate=True)
+
+
+def write_meta(folder: Path, meta: dict) -> None:
+    (folder / META_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def read_meta(diff_dir: Path) -> dict | None:
+    """The parsed weight_diff.json of a diff folder, or None for a diff made by another tool."""
+    path = diff_dir / META_FILE
+    if not path.is_file():
+        return None
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise WorkbenchError(f"{META_FILE} does not parse: {exc}", path) from None
+    missing = [key for key in _META_KEYS if not isinstance(meta, dict) or key not in meta]
+    if missing:
+        raise WorkbenchError(f"{META_FILE} lacks {', '.join(missing)}", path)
+    if meta["wb_weight_diff_version"] != FORMAT_VERSION:
+        raise WorkbenchError(
+            f"{META_FILE} has version {meta['wb_weight_diff_version']!r}; this wb reads version {FORMAT_VERSION}", path
+        )
+    for side in ("base", "tuned"):
+        tensors = meta[side].get("tensors") if isinstance(meta[side], dict) else None
+        if not isinstance(tensors, dict) or not all(
+            isinstance(entry, dict) and {"shape", "dtype", "sha256"} <= entry.keys() for entry in tensors.values()
+        ):
+            raise WorkbenchError(f"{META_FILE} does not parse: {side}.tensors is malformed", path)
+    return meta
