@@ -197,3 +197,15 @@ def test_refuses_truncated_bin(tiny_models, tmp_path):
 def test_refuses_folder_without_weights(tmp_path):
     with pytest.raises(WorkbenchError, match="no weight files found"):
         open_checkpoint(tmp_path)
+
+
+def test_outputs_get_the_usual_permissions(tmp_path):
+    import os
+
+    umask = os.umask(0o022)
+    try:
+        with atomic_dir(tmp_path / "out") as tmp:
+            (tmp / "f").write_text("x")
+    finally:
+        os.umask(umask)
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755

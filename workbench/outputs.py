@@ -29,6 +29,7 @@ def atomic_dir(target: str | Path, force: bool = False) -> Iterator[Path]:
     check_can_write(target, force)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".wb-tmp-{target.name}-", dir=target.parent))
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; the output gets the usual permissions
     try:
         yield tmp
     except BaseException:
@@ -45,6 +46,7 @@ def atomic_file(target: str | Path, force: bool = False, mode: str = "w") -> Ite
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".wb-tmp-{target.name}-", dir=target.parent)
     tmp = Path(tmp_name)
+    tmp.chmod(0o666 & ~_umask())
     try:
         with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as handle:
             yield handle
@@ -52,6 +54,12 @@ def atomic_file(target: str | Path, force: bool = False, mode: str = "w") -> Ite
         tmp.unlink(missing_ok=True)
         raise
     os.replace(tmp, target)
+
+
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
 
 
 def _replace(tmp: Path, target: Path) -> None:
