@@ -299,6 +299,52 @@ def recover_command(base, diff_path, out, dtype, expect_sum, atol, checksums, de
     click.echo(line)
 
 
+def _parse_weights(ctx, param, value: str | None) -> list[float] | None:
+    if value is None:
+        return None
+    try:
+        return [float(part) for part in value.split(",")]
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a comma-separated list of numbers, e.g. 0.7,0.3") from None
+
+
+@wb.command()
+@click.option("--base", required=True, type=existing_path, help="Base model folder (config.json + safetensors or .bin weights).")
+@click.option("--adapter", "adapters", required=True, multiple=True, type=existing_path,
+              help="A PEFT LoRA adapter folder, or a full fine-tuned model folder (merged as model - base). Repeat for several.")
+@click.option("--weights", callback=_parse_weights, metavar="W1,W2,...",
+              help="One weight per --adapter, comma-separated (default: 1.0 each).")
+@click.option("--method", type=click.Choice(["linear", "ties", "dare_linear", "dare_ties"]), default="linear",
+              show_default=True, help="linear: base + sum of w*delta; ties / dare_*: TIES trim+sign election, DARE seeded drop+rescale.")
+@click.option("--density", type=float, default=0.5, show_default=True,
+              help="ties/dare: fraction of each delta kept, in (0, 1] (ignored by linear).")
+@click.option("--seed", type=int, default=0, show_default=True, help="dare_*: seed of the random drop masks.")
+@click.option("--out", required=True, type=new_path, help="Output folder (a Hugging Face model folder + merge.json).")
+@click.option("--dtype", type=click.Choice(DTYPES), default="auto", show_default=True,
+              help="Output dtype of floating tensors (auto: keep each base tensor's dtype).")
+@click.option("--device", type=click.Choice(["cpu", "cuda", "auto"]), default="cpu", show_default=True,
+              help="Where the delta products and sums are computed.")
+@click.option("--shard-size", default="5GB", show_default=True, help="Largest output shard, e.g. 5GB, 500MB, 2GiB.")
+@force_option
+@json_option
+def merge(base, adapters, weights, method, density, seed, out, dtype, device, shard_size, force, as_json):
+    """Merge LoRA adapters and full fine-tunes into BASE, tensor by tensor, and write OUT."""
+    import sys
+
+    from workbench.merge import merge as run
+
+    record = run(base, list(adapters), out=out, weights=weights, method=method, density=density, seed=seed,
+                 dtype=dtype, device=device, shard_size=shard_size, force=force, command=" ".join(["wb", *sys.argv[1:]]))
+    if as_json:
+        print_json(record)
+        return
+    output = record["output"]
+    click.echo(f"merged {len(adapters)} adapter(s) into {out} ({method}, weights {record['weights']})")
+    click.echo(f"tensors: {output['tensors']} ({output['tensors_changed']} changed), files: {len(output['files'])}, "
+               f"dtype: {'/'.join(record['output_dtypes'])}")
+    click.echo(f"weight-sum: {output['weight_sum']:.6f}")
+
+
 def main() -> None:
     wb(prog_name="wb")
 

@@ -1,0 +1,281 @@
+"""Read a PEFT LoRA adapter without peft: its config, its tensors, and the delta each makes.
+
+A saved adapter is `adapter_config.json` plus `adapter_model.safetensors` (or `.bin`) whose tensor
+names are the wrapped model's: `base_model.model.<module>.lora_A.weight` / `.lora_B.weight` for a
+Linear, `.lora_embedding_A` / `.lora_embedding_B` for an Embedding, and whole tensors for
+`modules_to_save` (`base_model.model.lm_head.weight`) and embeddings peft saves beside an embedding
+LoRA (`...embed_tokens.base_layer.weight`). Whole tensors replace the base's; LoRA pairs add
+
+    delta = scale * B @ A            (Linear, (out, in); transposed for Conv1D / fan_in_fan_out)
+    delta = scale * (B @ A).T        (Embedding, (vocab, dim), as peft's Embedding.get_delta_weight)
+
+with scale = lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora, r and alpha taken from
+rank_pattern / alpha_pattern where a pattern matches the module (peft's `get_pattern_key`).
+
+Anything whose merge is not exactly "base + delta" (DoRA, variants, quantized training, inits that
+rewrote the base weights, ...) is refused by name rather than merged wrongly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from workbench.errors import WorkbenchError
+from workbench.io.reader import Checkpoint, open_checkpoint
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+PEFT_PREFIX = "base_model.model."
+
+_LINEAR_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
+_EMBEDDING_KEY = re.compile(r"^(?P<module>.+)\.lora_embedding_(?P<ab>[AB])(?:\.[^.]+)?$")
+# Wrapper infixes peft may leave in the names of whole tensors it saves.
+_WRAPPER_INFIX = re.compile(r"\.(?:base_layer|original_module|modules_to_save\.[^.]+)(?=\.)")
+
+# Config fields whose presence (a truthy value) means the adapter is not plain, mergeable LoRA.
+REFUSED_FIELDS: dict[str, str] = {
+    "use_dora": "DoRA (use_dora), whose magnitude vector rescales the merged weight",
+    "lora_bias": "a LoRA bias (lora_bias)",
+    "use_qalora": "QALoRA (use_qalora), trained against a quantized base",
+    "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens), which acts only after its invocation tokens",
+    "trainable_token_indices": "trainable tokens (trainable_token_indices)",
+    "layer_replication": "layer_replication, which changes the model's layer stack",
+    "target_parameters": "LoRA on bare parameters (target_parameters)",
+    "megatron_config": "Megatron parallel layers (megatron_config)",
+    "use_bdlora": "block-diagonal LoRA (use_bdlora)",
+    "arrow_config": "Arrow routing (arrow_config)",
+    "velora_config": "the VeLoRA variant (velora_config)",
+    "monteclora_config": "the MonteCLoRA variant (monteclora_config)",
+    "kasa_config": "the KaSA variant (kasa_config)",
+}
+
+# init_lora_weights values that rewrite the base weights at initialisation: the saved adapter only
+# makes sense on that rewritten base (peft can convert them; see path_initial_model_for_weight_conversion).
+BASE_REWRITING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+
+
+@dataclass(frozen=True)
+class LoraModule:
+    """One LoRA pair and how its delta lands on the base tensor `target`."""
+
+    module: str
+    target: str
+    a_name: str
+    b_name: str
+    rank: int
+    alpha: float
+    scale: float
+    embedding: bool
+    transposed: bool = False  # delta is (B @ A).T: embeddings, and Conv1D (fan_in_fan_out) layers
+
+
+@dataclass
+class LoraAdapter:
+    """A PEFT LoRA adapter, opened lazily; `bind` checks it against a base and resolves layouts."""
+
+    path: Path
+    config: dict
+    checkpoint: Checkpoint
+    modules: dict[str, LoraModule] = field(default_factory=dict)  # base tensor name -> pair
+    replacements: dict[str, str] = field(default_factory=dict)  # base tensor name -> adapter tensor name
+
+    kind = "lora"
+
+    def touches(self, name: str) -> bool:
+        return name in self.modules or name in self.replacements
+
+    def replacement(self, name: str) -> torch.Tensor | None:
+        tensor_name = self.replacements.get(name)
+        return None if tensor_name is None else self.checkpoint.tensor(tensor_name)
+
+    def adds_delta(self, name: str) -> bool:
+        return name in self.modules
+
+    def add_delta(self, acc: torch.Tensor, name: str, start: int, stop: int, weight: float) -> None:
+        """acc += weight * (rows [start, stop) of this adapter's delta for base tensor `name`), in
+        one fused matrix product; acc is float32 on the merge device."""
+        pair = self.modules[name]
+        a, b = self.checkpoint.tensor(pair.a_name), self.checkpoint.tensor(pair.b_name)
+        if pair.transposed:  # rows of (B @ A).T are columns of B @ A
+            first, second = a[:, start:stop].T, b.T
+        else:
+            first, second = b[start:stop], a
+        acc.addmm_(first.to(acc.device, torch.float32), second.to(acc.device, torch.float32), alpha=weight * pair.scale)
+
+    @property
+    def files(self) -> list[Path]:
+        return [*self.checkpoint.files, self.path / ADAPTER_CONFIG]
+
+    def summary(self) -> dict:
+        """The settings merge.json records for this adapter."""
+        keys = ("peft_type", "r", "lora_alpha", "use_rslora", "target_modules", "modules_to_save",
+                "rank_pattern", "alpha_pattern", "fan_in_fan_out", "base_model_name_or_path")
+        return {
+            "config": {k: self.config.get(k) for k in keys},
+            "lora_modules": len(self.modules),
+            "replaced_tensors": sorted(self.replacements),
+        }
+
+    def bind(self, base: Checkpoint, tied_embeddings: bool = False) -> LoraAdapter:
+        """Check every target against `base` (present, floating, same shape) and settle which
+        pairs are transposed. Errors name the module and both shapes."""
+        bound = {}
+        for target, pair in self.modules.items():
+            if target not in base:
+                hint = ""
+                if tied_embeddings and target == "lm_head.weight":
+                    hint = "; the base ties lm_head to the input embeddings, so it has no lm_head.weight"
+                raise WorkbenchError(
+                    f"adapter targets module {pair.module!r} but the base has no tensor {target!r} "
+                    f"(adapter made for another base?{hint})", self.path)
+            bound[target] = self._orient(pair, base.info(target).shape)
+            _check_floating(base, target, self.path)
+        for target, tensor_name in self.replacements.items():
+            if target not in base:
+                raise WorkbenchError(
+                    f"adapter carries tensor {tensor_name!r} but the base has no tensor {target!r} "
+                    "(adapter made for another base?)", self.path)
+            _check_floating(base, target, self.path)
+            mine, theirs = self.checkpoint.info(tensor_name).shape, base.info(target).shape
+            if mine != theirs:
+                raise WorkbenchError(
+                    f"shape mismatch for {target!r}: the adapter's {tensor_name!r} is {list(mine)}, "
+                    f"the base's is {list(theirs)} (adapter made for another base, or a resized vocabulary?)",
+                    self.path)
+        return replace(self, modules=bound)
+
+    def _orient(self, pair: LoraModule, base_shape: tuple[int, ...]) -> LoraModule:
+        a_shape = self.checkpoint.info(pair.a_name).shape
+        b_shape = self.checkpoint.info(pair.b_name).shape
+        if pair.embedding:
+            candidates = [((a_shape[1], b_shape[0]), True)]
+        else:
+            normal, flipped = ((b_shape[0], a_shape[1]), False), ((a_shape[1], b_shape[0]), True)
+            # peft decides per layer type (Conv1D stores (in, out)); the saved flag reflects that
+            # decision, so it wins when both orientations fit (square matrices).
+            candidates = [flipped, normal] if self.config.get("fan_in_fan_out") else [normal, flipped]
+        for shape, transposed in candidates:
+            if tuple(shape) == tuple(base_shape):
+                return replace(pair, transposed=transposed)
+        raise WorkbenchError(
+            f"shape mismatch for {pair.target!r}: the adapter's delta is {list(candidates[0][0])}, "
+            f"the base tensor is {list(base_shape)} (adapter made for another base?)", self.path)
+
+
+def is_lora_adapter(path: Path) -> bool:
+    return (Path(path) / ADAPTER_CONFIG).is_file()
+
+
+def read_lora_adapter(path: str | Path) -> LoraAdapter:
+    """Open a PEFT LoRA adapter folder, refusing (by name) whatever cannot be merged exactly."""
+    path = Path(path)
+    config = _read_config(path)
+    refuse_unmergeable(config, path)
+    weights = next((path / n for n in ADAPTER_WEIGHTS if (path / n).is_file()), None)
+    if weights is None:
+        raise WorkbenchError(f"adapter has no {' or '.join(ADAPTER_WEIGHTS)}", path)
+    checkpoint = open_checkpoint(weights)
+    adapter = LoraAdapter(path=path, config=config, checkpoint=checkpoint)
+    _map_tensors(adapter)
+    if not adapter.modules and not adapter.replacements:
+        raise WorkbenchError("adapter holds no LoRA tensors", weights)
+    return adapter
+
+
+def refuse_unmergeable(config: dict, path: Path) -> None:
+    """Raise for any adapter type whose merge is not exactly base + scale * B @ A."""
+    peft_type = str(config.get("peft_type", "")).upper()
+    if peft_type != "LORA":
+        raise WorkbenchError(f"peft_type {config.get('peft_type')!r} is not LoRA; wb merges LoRA adapters only", path)
+    for key, what in REFUSED_FIELDS.items():
+        if config.get(key):
+            raise WorkbenchError(f"refusing to merge {what}: wb merges only plain LoRA (base + scale * B @ A)", path)
+    bias = config.get("bias", "none")
+    if bias not in (None, "none"):
+        raise WorkbenchError(f"refusing to merge trained biases (bias={bias!r}): wb merges only plain LoRA weights", path)
+    init = str(config.get("init_lora_weights", True)).lower()
+    if init.startswith(BASE_REWRITING_INITS):
+        raise WorkbenchError(
+            f"adapter was initialised with init_lora_weights={config['init_lora_weights']!r}, which rewrites the "
+            "base weights; convert it to plain LoRA first (peft: path_initial_model_for_weight_conversion)", path)
+    for key in ("rank_pattern", "alpha_pattern"):
+        if config.get(key) is not None and not isinstance(config[key], dict):
+            raise WorkbenchError(f"{key} must be an object mapping module patterns to numbers", path)
+
+
+def pattern_value(patterns: dict | None, module: str, default: float) -> float:
+    """peft's `get_pattern_key`: the first key that matches the end of `module` at a dot boundary
+    (keys are regular expressions), else `default`."""
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def lora_scale(config: dict, module: str) -> tuple[int, float, float]:
+    """(r, alpha, scale) of `module` under `config`, as peft's LoraLayer.update_layer sets them."""
+    rank = int(pattern_value(config.get("rank_pattern"), module, config.get("r", 8)))
+    alpha = float(pattern_value(config.get("alpha_pattern"), module, config.get("lora_alpha", 8)))
+    scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+    return rank, alpha, scale
+
+
+def _read_config(path: Path) -> dict:
+    file = path / ADAPTER_CONFIG
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise WorkbenchError(f"not a PEFT adapter (no {ADAPTER_CONFIG})", path) from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise WorkbenchError(f"adapter config does not parse: {exc}", file) from None
+    if not isinstance(config, dict):
+        raise WorkbenchError("adapter config is not a JSON object", file)
+    return config
+
+
+def _map_tensors(adapter: LoraAdapter) -> None:
+    """Sort the adapter's tensors into LoRA pairs (by base tensor) and whole replacement tensors."""
+    halves: dict[tuple[str, bool], dict[str, str]] = {}
+    for name in adapter.checkpoint.names():
+        bare = name.removeprefix(PEFT_PREFIX)
+        match = _LINEAR_KEY.match(bare) or _EMBEDDING_KEY.match(bare)
+        if match:
+            embedding = match.re is _EMBEDDING_KEY
+            halves.setdefault((match["module"], embedding), {})[match["ab"]] = name
+        elif ".lora_" in bare or bare.startswith("lora_"):
+            raise WorkbenchError(f"tensor {name!r} is not a LoRA A/B matrix (a LoRA variant?); refusing", adapter.path)
+        else:
+            target = _WRAPPER_INFIX.sub("", bare)
+            if target in adapter.replacements:
+                raise WorkbenchError(f"adapter holds two tensors for {target!r}", adapter.path)
+            adapter.replacements[target] = name
+    for (module, embedding), pair in halves.items():
+        if set(pair) != {"A", "B"}:
+            missing = "B" if "A" in pair else "A"
+            raise WorkbenchError(f"module {module!r} has no lora_{missing} tensor (damaged adapter?)", adapter.path)
+        a_info, b_info = adapter.checkpoint.info(pair["A"]), adapter.checkpoint.info(pair["B"])
+        if len(a_info.shape) != 2 or len(b_info.shape) != 2:
+            raise WorkbenchError(
+                f"module {module!r} has {len(a_info.shape)}-d LoRA matrices (a convolution?); wb merges "
+                "Linear and Embedding LoRA only", adapter.path)
+        rank, alpha, scale = lora_scale(adapter.config, module)
+        if a_info.shape[0] != rank or b_info.shape[1] != rank:
+            raise WorkbenchError(
+                f"module {module!r}: lora_A is {list(a_info.shape)} and lora_B is {list(b_info.shape)} "
+                f"but the config gives it rank {rank}", adapter.path)
+        target = f"{module}.weight"
+        adapter.modules[target] = LoraModule(
+            module=module, target=target, a_name=pair["A"], b_name=pair["B"],
+            rank=rank, alpha=alpha, scale=scale, embedding=embedding)
+
+
+def _check_floating(base: Checkpoint, target: str, path: Path) -> None:
+    dtype = base.info(target).dtype
+    if not dtype.is_floating_point:
+        raise WorkbenchError(f"base tensor {target!r} is {dtype} (a quantized base?); only float weights merge exactly", path)
