@@ -345,6 +345,68 @@ def merge(base, adapters, weights, method, density, seed, out, dtype, device, sh
     click.echo(f"weight-sum: {output['weight_sum']:.6f}")
 
 
+def _parse_batch_size(ctx, param, value: str) -> int | str:
+    if value == "auto":
+        return value
+    if value.isdigit() and int(value) > 0:
+        return int(value)
+    raise click.BadParameter("use 'auto' or a positive integer")
+
+
+@wb.command(name="eval")
+@click.option("--model", required=True, type=existing_path, help="Model folder (HF layout: config, tokenizer, weights).")
+@click.option("--adapter", type=existing_path, help="PEFT/LoRA adapter folder, applied unmerged on top of --model.")
+@click.option("--tasks", multiple=True, metavar="NAMES",
+              help="lm-eval tasks or groups, comma-separated or repeated (mmlu, ceval = ceval-valid, cmmlu, "
+                   "mmlu_anatomy, hellaswag, ...). Default: the benchmarks of --data-dir.")
+@click.option("--data-dir", multiple=True, metavar="[NAME=]DIR",
+              help="Evaluate a benchmark from local CSV files instead of the hub. NAME is mmlu, ceval or cmmlu; "
+                   "without it the layout tells. Repeat for several benchmarks.")
+@click.option("--gen-data", type=existing_path,
+              help="Prompt/reference records (alpaca JSON/JSONL, or AdvertiseGen content/summary JSONL): "
+                   "greedy generation scored with ROUGE-1/2/L and BLEU-4.")
+@click.option("--num-fewshot", type=click.IntRange(min=0),
+              help="Few-shot examples per question. Default: 5 for MMLU/C-Eval/CMMLU, lm-eval's default otherwise.")
+@click.option("--limit", type=click.IntRange(min=1),
+              help="Score only the first N questions of each task (quick checks; --gen-data records all run).")
+@click.option("--batch-size", default="auto", show_default=True, callback=_parse_batch_size, metavar="auto|N",
+              help="Prompts per forward pass. auto: on CUDA lm-eval's own detection for benchmarks and 64 halved "
+                   "on out-of-memory for generation; on CPU 8 for benchmarks, 16 for generation.")
+@click.option("--device", default="auto", show_default=True, help="auto (CUDA when present, else CPU), cpu, cuda, cuda:N.")
+@click.option("--dtype", type=click.Choice(DTYPES), default="auto", show_default=True,
+              help="Compute dtype; auto = bf16 on a CUDA device that supports it, else fp32.")
+@click.option("--chat-template/--no-chat-template", default=None,
+              help="Wrap prompts in the tokenizer's chat template. Default: generation uses it when the tokenizer "
+                   "has one, benchmarks are scored without it (as published scores are).")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=128, show_default=True,
+              help="Longest generated answer for --gen-data.")
+@click.option("--trust-remote-code", is_flag=True, help="Allow the model folder's own Python code to run.")
+@click.option("--out", required=True, type=new_path,
+              help="RESULTS.json to write; <stem>.samples.jsonl and <stem>.predictions.jsonl go beside it.")
+@force_option
+@json_option
+def eval_command(model, adapter, tasks, data_dir, gen_data, num_fewshot, limit, batch_size, device, dtype,
+                 chat_template, max_new_tokens, trust_remote_code, out, force, as_json):
+    """Score a model (and adapter) on lm-eval benchmarks and with ROUGE/BLEU; write RESULTS.json."""
+    import shlex
+    import sys
+
+    from workbench.evaluate import brief, evaluate, summary
+
+    results = evaluate(
+        model, adapter=adapter, tasks=list(tasks), data_dir=list(data_dir), gen_data=gen_data,
+        num_fewshot=num_fewshot, limit=limit, batch_size=batch_size, device=device, dtype=dtype,
+        chat_template=chat_template, max_new_tokens=max_new_tokens, trust_remote_code=trust_remote_code,
+        out=out, force=force, command=shlex.join(["wb", *sys.argv[1:]]),
+    )
+    if as_json:
+        print_json({"results": str(out), **brief(results)})
+        return
+    for line in summary(results):
+        click.echo(line)
+    click.echo(f"wrote {out}", err=True)
+
+
 def main() -> None:
     wb(prog_name="wb")
 

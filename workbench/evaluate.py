@@ -1,0 +1,500 @@
+"""`wb eval`: lm-eval benchmarks (online or from local files) and ROUGE/BLEU of generated text.
+
+One run writes RESULTS.json (the schema `wb report` reads: lm-eval's own result blocks, the
+generation metrics and a provenance block) and, beside it, `<stem>.samples.jsonl` (one line per
+scored question, with lm-eval's doc_hash) and `<stem>.predictions.jsonl` (one line per generated
+answer with its scores). Every file appears only when complete; none is overwritten without force.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.metadata
+import json
+import logging
+import shlex
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from workbench.errors import WorkbenchError
+from workbench.outputs import atomic_file, check_can_write
+
+RESULTS_VERSION = 1
+LM_EVAL_KEYS = ("results", "groups", "group_subtasks", "n-shot", "n-samples", "versions", "configs", "higher_is_better")
+CPU_LM_EVAL_BATCH = 8  # --batch-size auto on CPU (lm-eval's own "auto" probes until memory runs out)
+
+
+@dataclass
+class _Plan:
+    """Everything checked before a model is loaded: inputs, task names, output paths, device."""
+
+    model: Path
+    adapter: Path | None
+    gen_path: Path | None
+    local: dict  # benchmark name -> LocalBenchmark
+    names: list[str]  # lm-eval task/group names
+    items: list  # GenItem records to generate for
+    out: Path
+    samples_path: Path | None
+    predictions_path: Path | None
+    device: object  # torch.device
+    dtype: object  # torch.dtype
+    lm_batch: int | str
+
+
+def evaluate(
+    model: str | Path,
+    *,
+    adapter: str | Path | None = None,
+    tasks: list[str] | tuple[str, ...] | str = (),
+    data_dir: list[str] | tuple[str, ...] | str | Path | None = None,
+    gen_data: str | Path | None = None,
+    num_fewshot: int | None = None,
+    limit: int | None = None,
+    batch_size: int | str = "auto",
+    device: str = "auto",
+    dtype: str = "auto",
+    chat_template: bool | None = None,
+    max_new_tokens: int = 128,
+    trust_remote_code: bool = False,
+    out: Path,
+    force: bool = False,
+    command: str | None = None,
+) -> dict:
+    """Evaluate `model` (with `adapter`, unmerged) and write RESULTS.json to `out`; returns its content.
+
+    tasks: lm-eval task/group names ("ceval" means "ceval-valid"); empty means the benchmarks of
+    `data_dir`. data_dir: "NAME=PATH" or "PATH" entries (NAME: mmlu, ceval, cmmlu), evaluated from
+    local CSV files. gen_data: prompt/reference records for ROUGE/BLEU. limit: the first N questions
+    of each task (generation always runs every record). num_fewshot None: 5 for MMLU/C-Eval/CMMLU,
+    lm-eval's default for other tasks. chat_template None: generation uses the tokenizer's template
+    when it has one, benchmarks are scored without (as published base-model scores are);
+    True/False: both with/without. batch_size "auto": lm-eval's detection (benchmarks) and 64 halved
+    on out-of-memory (generation) on CUDA; 8 and 16 on CPU.
+    """
+    started, clock = datetime.now().astimezone(), time.perf_counter()
+    plan = _plan(model, adapter, tasks, data_dir, gen_data, limit, num_fewshot, max_new_tokens, batch_size,
+                 device, dtype, out, force)
+    with _quiet_libraries():
+        from workbench.evals.tasks import load_tasks
+
+        task_objects = load_tasks(plan.names, plan.local, num_fewshot) if plan.names else []
+        fingerprints = _fingerprints(plan.model, plan.adapter)
+        lm = _load_lm(plan, trust_remote_code)
+        use_template = _chat_template_choice(chat_template, lm.tokenizer)
+        lm_results = _run_lm_eval(lm, task_objects, num_fewshot, limit, plan.lm_batch, chat_template is True) if plan.names else {}
+        generated = _run_generation(lm, plan.items, max_new_tokens, batch_size, use_template) if plan.gen_path else None
+
+    samples = lm_results.pop("samples", None)
+    _complete_nested_groups(lm_results)
+    results: dict = {
+        "wb_results_version": RESULTS_VERSION,
+        "name": plan.model.resolve().name + (f"+{plan.adapter.resolve().name}" if plan.adapter else ""),
+        **{key: lm_results.get(key, {}) for key in LM_EVAL_KEYS},
+        "generation": None,
+        "samples_file": plan.samples_path.name if plan.samples_path else None,
+    }
+    if generated is not None:
+        block = generated[1]
+        block.update(data=str(plan.gen_path.resolve()), data_sha256=_sha256(plan.gen_path),
+                     predictions_file=plan.predictions_path.name)
+        results["generation"] = block
+    options = {"num_fewshot": num_fewshot, "limit": limit, "batch_size": batch_size, "device": device,
+               "dtype": dtype, "chat_template": chat_template, "max_new_tokens": max_new_tokens}
+    results["provenance"] = {
+        **_provenance(plan, fingerprints, options, command),
+        "started": started.isoformat(timespec="seconds"),
+        "duration_s": round(time.perf_counter() - clock, 2),
+    }
+    results["provenance"]["settings"] = _settings(plan, options)
+    if plan.samples_path is not None:
+        _write_jsonl(plan.samples_path, _sample_rows(samples or {}), force)
+    if generated is not None:
+        _write_jsonl(plan.predictions_path, generated[0], force)
+    text = json.dumps(results, indent=2, ensure_ascii=False, default=_json_default) + "\n"
+    with atomic_file(plan.out, force=force) as handle:
+        handle.write(text)
+    return json.loads(text)
+
+
+def _plan(model, adapter, tasks, data_dir, gen_data, limit, num_fewshot, max_new_tokens, batch_size, device, dtype,
+          out, force) -> _Plan:
+    """Check every input and output path, read the data files; fail before any model is loaded."""
+    from workbench.dtypes import resolve_compute_dtype, resolve_device
+    from workbench.evals.layouts import open_local
+
+    model, out = Path(model), Path(out)
+    adapter = Path(adapter) if adapter is not None else None
+    gen_path = Path(gen_data) if gen_data is not None else None
+    _check_inputs(model, adapter, gen_path, max_new_tokens, limit, num_fewshot)
+    local = _open_data_dirs([data_dir] if isinstance(data_dir, (str, Path)) else list(data_dir or ()), open_local)
+    names = _task_names(tasks, local)
+    if not names and gen_path is None:
+        raise WorkbenchError("nothing to evaluate: give --tasks, --data-dir or --gen-data")
+    samples_path = out.with_name(f"{out.stem}.samples.jsonl") if names else None
+    predictions_path = out.with_name(f"{out.stem}.predictions.jsonl") if gen_path else None
+    for target in (out, samples_path, predictions_path):
+        if target is not None:
+            check_can_write(target, force)
+    torch_device = resolve_device(device)
+    return _Plan(
+        model=model, adapter=adapter, gen_path=gen_path, local=local, names=names,
+        items=_gen_items(gen_path), out=out, samples_path=samples_path, predictions_path=predictions_path,
+        device=torch_device, dtype=resolve_compute_dtype(dtype, torch_device),
+        lm_batch=_lm_eval_batch(batch_size, torch_device.type),
+    )
+
+
+def scores(metrics: dict) -> dict[str, float]:
+    """{metric: value} of one lm-eval results entry: "acc,none" -> "acc" (other filters keep their name)."""
+    return {label: value for label, value, _ in _metric_items(metrics)}
+
+
+def _metric_items(metrics: dict):
+    """(label, value, stderr) of each numeric metric of one lm-eval results entry."""
+    for key, value in metrics.items():
+        metric, sep, filter_name = key.partition(",")
+        if sep and not metric.endswith("_stderr") and isinstance(value, (int, float)):
+            stderr = metrics.get(f"{metric}_stderr,{filter_name}")
+            yield (metric if filter_name == "none" else key), value, stderr
+
+
+def brief(results: dict) -> dict:
+    """What `wb eval --json` prints: every task's and group's scores, the generation metrics, side files."""
+    generation = results.get("generation") or {}
+    return {
+        "name": results["name"],
+        "scores": {name: scores(metrics) for name, metrics in results["results"].items()},
+        "generation": generation.get("metrics"),
+        "samples_file": results["samples_file"],
+        "predictions_file": generation.get("predictions_file"),
+    }
+
+
+def summary(results: dict) -> list[str]:
+    """One line per task/group and metric, then the generation metrics: what `wb eval` prints."""
+    lines = []
+    for name, metrics in results["results"].items():
+        n = results["n-samples"].get(name, {}).get("effective", metrics.get("sample_len", ""))
+        shots = results["n-shot"].get(name, "")
+        for metric, value, stderr in _metric_items(metrics):
+            spread = f" ± {stderr:.4f}" if isinstance(stderr, (int, float)) else ""
+            lines.append(f"{name:<44} {metric:<9} {value:.4f}{spread}  (n={n}, {shots}-shot)")
+    generation = results.get("generation")
+    if generation:
+        figures = "  ".join(f"{k} {v:.2f}" for k, v in generation["metrics"].items())
+        lines.append(f"generation ({generation['n']} prompts): {figures}")
+    return lines
+
+
+# -- inputs ----------------------------------------------------------------------------------------
+def _check_inputs(model: Path, adapter: Path | None, gen_path: Path | None, max_new_tokens: int,
+                  limit: int | None, num_fewshot: int | None) -> None:
+    if not model.is_dir():
+        raise WorkbenchError("--model must be a model folder (config.json, tokenizer, weights)", model)
+    if adapter is not None and not (adapter / "adapter_config.json").is_file():
+        raise WorkbenchError("--adapter must be a PEFT adapter folder (adapter_config.json)", adapter)
+    if gen_path is not None and not gen_path.is_file():
+        raise WorkbenchError("--gen-data is not a file", gen_path)
+    if max_new_tokens < 1:
+        raise WorkbenchError("--max-new-tokens must be at least 1")
+    if limit is not None and limit < 1:
+        raise WorkbenchError("--limit must be at least 1")
+    if num_fewshot is not None and num_fewshot < 0:
+        raise WorkbenchError("--num-fewshot cannot be negative")
+
+
+def _open_data_dirs(specs: list[str], open_local) -> dict:
+    local = {}
+    for spec in specs:
+        folder = open_local(str(spec))
+        name = folder.benchmark.name
+        if name in local:
+            raise WorkbenchError(f"two --data-dir folders hold {name}: {local[name].given} and {folder.given}")
+        local[name] = folder
+    return local
+
+
+def _task_names(tasks, local: dict) -> list[str]:
+    """Requested names (comma lists allowed, aliases resolved); none: the local benchmarks' groups."""
+    from workbench.evals.tasks import canonical, family_members
+
+    names: list[str] = []
+    for entry in [tasks] if isinstance(tasks, str) else tasks or ():
+        for name in str(entry).split(","):
+            name = canonical(name.strip())
+            if name and name not in names:
+                names.append(name)
+    if not names:
+        return [folder.benchmark.group for folder in local.values()]
+    members = family_members()
+    for benchmark, folder in local.items():
+        if not any(members.get(name) == benchmark for name in names):
+            raise WorkbenchError(f"--data-dir {benchmark} is given but no {benchmark} task is asked for", folder.given)
+    return names
+
+
+def _gen_items(gen_path: Path | None) -> list:
+    if gen_path is None:
+        return []
+    from workbench.evals.gendata import load_gen_data
+
+    return load_gen_data(gen_path)
+
+
+def _lm_eval_batch(batch_size: int | str, device_type: str) -> int | str:
+    if batch_size == "auto":
+        return "auto" if device_type == "cuda" else CPU_LM_EVAL_BATCH
+    try:
+        size = int(batch_size)
+    except ValueError:
+        raise WorkbenchError(f"--batch-size must be 'auto' or a positive integer, not {batch_size!r}") from None
+    if size < 1:
+        raise WorkbenchError("--batch-size must be at least 1")
+    return size
+
+
+# -- model -----------------------------------------------------------------------------------------
+def _fingerprints(model: Path, adapter: Path | None) -> dict:
+    from workbench.checksum import checksum
+
+    return {
+        "model_files": checksum(model, algo="sha256").files,
+        "adapter_files": checksum(adapter, algo="sha256").files if adapter else {},
+    }
+
+
+def _load_lm(plan: _Plan, trust_remote_code: bool):
+    """lm-eval's HFLM: the model (with the adapter as a PeftModel, unmerged) and its tokenizer.
+
+    The tokenizer comes from the adapter folder when it has one (a fine-tune may add tokens or a
+    chat template), else from the model folder.
+    """
+    from lm_eval.models.huggingface import HFLM
+
+    model, adapter = plan.model, plan.adapter
+    tokenizer = adapter if adapter is not None and (adapter / "tokenizer_config.json").is_file() else model
+    try:
+        return HFLM(
+            pretrained=str(model.resolve()),  # absolute: lm-eval never mistakes it for a hub id
+            tokenizer=str(tokenizer.resolve()),
+            peft=str(adapter.resolve()) if adapter is not None else None,
+            device=str(plan.device),
+            dtype=plan.dtype,
+            batch_size=plan.lm_batch,
+            trust_remote_code=trust_remote_code,
+        )
+    except (OSError, ValueError, KeyError) as exc:
+        raise WorkbenchError(f"could not load the model: {exc}", adapter or model) from None
+
+
+def _chat_template_choice(chat_template: bool | None, tokenizer) -> bool:
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    if chat_template and not has_template:
+        raise WorkbenchError("--chat-template was asked for but the tokenizer has no chat template")
+    return has_template if chat_template is None else chat_template
+
+
+# -- lm-eval ---------------------------------------------------------------------------------------
+def _run_lm_eval(lm, task_objects: list, num_fewshot: int | None, limit: int | None, batch, chat: bool) -> dict:
+    from lm_eval import simple_evaluate
+
+    from workbench.evals.tasks import task_manager
+
+    try:
+        return simple_evaluate(
+            model=lm,
+            tasks=task_objects,
+            num_fewshot=num_fewshot,
+            limit=limit,
+            batch_size=batch,
+            log_samples=True,
+            apply_chat_template=chat,
+            task_manager=task_manager(False),  # tasks come built; spare lm-eval its full index
+        )
+    except (AssertionError, ValueError) as exc:  # e.g. more shots asked for than the dev split has
+        raise WorkbenchError(f"lm-eval failed: {exc}") from None
+
+
+def _complete_nested_groups(lm_results: dict) -> None:
+    """Give a group of groups (mmlu) the n-shot and higher_is_better its subjects agree on.
+
+    lm-eval copies them one level up only, in no fixed order, so `mmlu` (whose children are the
+    four category groups) may come out without them.
+    """
+    subtasks = lm_results.get("group_subtasks", {})
+
+    def leaves(name: str) -> list[str]:
+        return [leaf for child in subtasks[name] for leaf in leaves(child)] if name in subtasks else [name]
+
+    shots, better = lm_results.get("n-shot", {}), lm_results.get("higher_is_better", {})
+    for group in subtasks:
+        tasks = leaves(group)
+        values = {shots.get(task) for task in tasks}
+        if group not in shots and len(values) == 1 and None not in values:
+            shots[group] = values.pop()
+        merged: dict = {}
+        for task in tasks:
+            for metric, direction in better.get(task, {}).items():
+                merged[metric] = direction if merged.get(metric, direction) == direction else None
+        if group not in better and merged:
+            better[group] = merged
+
+
+def _sample_rows(samples: dict[str, list[dict]]) -> Iterator[dict]:
+    """lm-eval's per-sample records, kept small: ids, hashes, target, metrics and the model's answer."""
+    for task, records in samples.items():
+        for record in records:
+            row = {
+                "task": task,
+                "doc_id": record["doc_id"],
+                "doc_hash": record["doc_hash"],
+                "prompt_hash": record["prompt_hash"],
+                "target": record["target"],
+            }
+            row.update({metric: record[metric] for metric in record["metrics"]})
+            row.update(_answer(record["filtered_resps"]))
+            yield row
+
+
+def _answer(responses: list) -> dict:
+    """The model's side of one sample: log-likelihoods (and the chosen option), or generated text."""
+    if all(isinstance(r, (list, tuple)) and len(r) == 2 and isinstance(r[0], (int, float)) for r in responses):
+        scores = [float(r[0]) for r in responses]
+    elif all(isinstance(r, (int, float)) for r in responses):
+        scores = [float(r) for r in responses]
+    else:
+        return {"responses": [r if isinstance(r, str) else str(r) for r in responses]}
+    answer: dict = {"loglikelihoods": [round(s, 4) for s in scores]}
+    if len(scores) > 1:
+        answer["choice"] = max(range(len(scores)), key=scores.__getitem__)
+    return answer
+
+
+# -- generation ------------------------------------------------------------------------------------
+def _run_generation(lm, items: list, max_new_tokens: int, batch_size, use_template: bool) -> tuple[list[dict], dict]:
+    from workbench.evals.generate import generate
+    from workbench.evals.genmetrics import score, summarize
+
+    tokenizer = lm.tokenizer
+    if use_template:
+        prompts = [tokenizer.apply_chat_template(i.messages(), tokenize=False, add_generation_prompt=True) for i in items]
+    else:
+        prompts = [item.plain_text() for item in items]
+    size = None if batch_size == "auto" else int(batch_size)
+    output = generate(lm.model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=size,
+                      add_special_tokens=not use_template)
+    rows, per_sample = [], []
+    for item, prediction in zip(items, output.texts):
+        scores = score(prediction, item.reference)
+        per_sample.append(scores)
+        rows.append({"id": item.id, "prompt": item.prompt, "reference": item.reference, "prediction": prediction, **scores})
+    means, errors = summarize(per_sample)
+    block = {
+        "n": len(items),
+        "max_new_tokens": max_new_tokens,
+        "chat_template": use_template,
+        "metrics": means,
+        "stderr": errors,
+        "new_tokens": output.new_tokens,
+        "tokens_per_s": round(output.tokens_per_s, 2),
+    }
+    return rows, block
+
+
+# -- output ----------------------------------------------------------------------------------------
+def _write_jsonl(path: Path, rows, force: bool) -> None:
+    with atomic_file(path, force=force) as handle:
+        for row in rows:
+            handle.write(json.dumps(row, ensure_ascii=False, default=_json_default) + "\n")
+
+
+def _json_default(value):
+    if hasattr(value, "item"):  # numpy and torch scalars
+        return value.item()
+    if isinstance(value, (set, tuple)):
+        return list(value)
+    return str(value)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _versions() -> dict[str, str | None]:
+    import workbench
+
+    found: dict[str, str | None] = {"wb": workbench.__version__}
+    for name, dist in (("torch", "torch"), ("transformers", "transformers"), ("peft", "peft"), ("lm_eval", "lm_eval")):
+        try:
+            found[name] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def _provenance(plan: _Plan, fingerprints: dict, options: dict, command: str | None) -> dict:
+    return {
+        "model": str(plan.model.resolve()),
+        "adapter": str(plan.adapter.resolve()) if plan.adapter else None,
+        **fingerprints,
+        "dtype": str(plan.dtype).removeprefix("torch."),
+        "device": str(plan.device),
+        "versions": _versions(),
+        "command": command or _command_line(plan, options),
+    }
+
+
+def _settings(plan: _Plan, options: dict) -> dict:
+    return {
+        "tasks": plan.names,
+        "num_fewshot": options["num_fewshot"],
+        "limit": options["limit"],
+        "data_dir": {name: str(folder.given) for name, folder in plan.local.items()},
+        "gen_data": str(plan.gen_path.resolve()) if plan.gen_path else None,
+        "batch_size": options["batch_size"],
+        "chat_template": options["chat_template"],
+        "max_new_tokens": options["max_new_tokens"],
+    }
+
+
+def _command_line(plan: _Plan, options: dict) -> str:
+    """The `wb eval` command line equivalent to a call made from Python."""
+    parts = ["wb", "eval", "--model", str(plan.model)]
+    if plan.adapter:
+        parts += ["--adapter", str(plan.adapter)]
+    if plan.names:
+        parts += ["--tasks", ",".join(plan.names)]
+    for name, folder in plan.local.items():
+        parts += ["--data-dir", f"{name}={folder.given}"]
+    if plan.gen_path:
+        parts += ["--gen-data", str(plan.gen_path), "--max-new-tokens", str(options["max_new_tokens"])]
+    for flag in ("num_fewshot", "limit"):
+        if options[flag] is not None:
+            parts += [f"--{flag.replace('_', '-')}", str(options[flag])]
+    parts += ["--batch-size", str(options["batch_size"]), "--device", options["device"], "--dtype", options["dtype"]]
+    if options["chat_template"] is not None:
+        parts.append("--chat-template" if options["chat_template"] else "--no-chat-template")
+    return shlex.join([*parts, "--out", str(plan.out)])
+
+
+@contextlib.contextmanager
+def _quiet_libraries() -> Iterator[None]:
+    """lm-eval and transformers warn about every task built from a custom dataset; keep errors only."""
+    loggers = [logging.getLogger(name) for name in ("lm_eval", "transformers", "datasets", "accelerate")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
