@@ -407,6 +407,94 @@ def eval_command(model, adapter, tasks, data_dir, gen_data, num_fewshot, limit, 
     click.echo(f"wrote {out}", err=True)
 
 
+@wb.command()
+@click.argument("results", nargs=-1, required=True, type=existing_path)
+@click.option("--out", "-o", required=True, type=new_path, help="The HTML file to write (one self-contained page).")
+@click.option("--baseline", metavar="NAME",
+              help="The model the others are compared against: its name in the results file, or the file's "
+                   "name. Default: the first RESULTS file.")
+@click.option("--train", "train_dirs", multiple=True, type=existing_path, metavar="DIR",
+              help="A `wb train` output folder: adds its loss curve, resolved options and tokens/s. Repeatable.")
+@click.option("--weights", nargs=2, multiple=True, metavar="BASE=PATH TUNED=PATH",
+              help="Two checkpoints (folders or weight files; NAME= is optional) whose relative weight change "
+                   "per layer and module is drawn, with their weight-sums and sha256 hashes. Repeatable.")
+@click.option("--title", help="Page title. Default: the model names.")
+@click.option("--samples", "max_samples", type=click.IntRange(min=0), default=10, show_default=True,
+              help="Generation samples shown as biggest wins and again as biggest losses.")
+@force_option
+@json_option
+def report(results, out, baseline, train_dirs, weights, title, max_samples, force, as_json):
+    """Render `wb eval` RESULTS files (and training runs, weight changes) into one HTML report."""
+    import shlex
+    import sys
+
+    from workbench.report import render_report
+
+    info = render_report(list(results), out, baseline=baseline, train=list(train_dirs), weights=list(weights),
+                         title=title, max_samples=max_samples, force=force,
+                         command=shlex.join(["wb", *sys.argv[1:]]))
+    if as_json:
+        print_json(info.to_json())
+    else:
+        click.echo(str(info.path))
+
+
+@wb.command()
+@click.option("--base", required=True, type=existing_path, help="Base model folder: evaluated first, the baseline.")
+@click.option("--tuned", multiple=True, type=existing_path, metavar="DIR",
+              help="A fine-tuned (or merged) model folder to compare with the base. Repeatable.")
+@click.option("--adapter", "adapters", multiple=True, type=existing_path, metavar="DIR",
+              help="A PEFT adapter folder evaluated on top of --base (unmerged), as model '<base>+<adapter>'. "
+                   "Repeatable.")
+@click.option("--tasks", multiple=True, metavar="NAMES",
+              help="lm-eval tasks or groups, comma-separated or repeated (as `wb eval --tasks`).")
+@click.option("--data-dir", multiple=True, metavar="[NAME=]DIR",
+              help="Evaluate a benchmark from local CSV files (as `wb eval --data-dir`). Repeatable.")
+@click.option("--gen-data", type=existing_path, help="Prompt/reference records scored with ROUGE/BLEU (as `wb eval`).")
+@click.option("--num-fewshot", type=click.IntRange(min=0), help="Few-shot examples per question (as `wb eval`).")
+@click.option("--limit", type=click.IntRange(min=1), help="Score only the first N questions of each task.")
+@click.option("--batch-size", default="auto", show_default=True, callback=_parse_batch_size,
+              help="Batch size (as `wb eval`).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@click.option("--dtype", type=click.Choice(DTYPES), default="auto", show_default=True, help="Compute dtype.")
+@click.option("--chat-template/--no-chat-template", default=None,
+              help="Wrap prompts in the tokenizer's chat template (default as `wb eval`).")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=128, show_default=True,
+              help="Longest generated answer for --gen-data.")
+@click.option("--trust-remote-code", is_flag=True, help="Allow the model folders' own Python code to run.")
+@click.option("--out", required=True, type=new_path,
+              help="Report folder (e.g. reports/NAME/): one <model>.json per model and index.html.")
+@click.option("--title", help="Page title of the report. Default: the model names.")
+@click.option("--samples", "max_samples", type=click.IntRange(min=0), default=10, show_default=True,
+              help="Generation samples shown as biggest wins and again as biggest losses.")
+@click.option("--force", is_flag=True,
+              help="Re-evaluate every model and replace its results file, even one made with other settings.")
+@json_option
+def compare(base, tuned, adapters, tasks, data_dir, gen_data, num_fewshot, limit, batch_size, device, dtype,
+            chat_template, max_new_tokens, trust_remote_code, out, title, max_samples, force, as_json):
+    """Evaluate a base model and its fine-tunes with the same settings and write OUT/index.html.
+
+    A results file already in OUT is re-used when its weights (sha256) and settings match, so adding a
+    model to a comparison evaluates only that model.
+    """
+    import shlex
+    import sys
+
+    from workbench.compare import compare as run
+
+    if not tuned and not adapters:
+        raise click.UsageError("give at least one --tuned or --adapter to compare with --base")
+    result = run(base, tuned=list(tuned), adapters=list(adapters), tasks=list(tasks), data_dir=list(data_dir),
+                 gen_data=gen_data, num_fewshot=num_fewshot, limit=limit, batch_size=batch_size, device=device,
+                 dtype=dtype, chat_template=chat_template, max_new_tokens=max_new_tokens,
+                 trust_remote_code=trust_remote_code, out=out, force=force, title=title, max_samples=max_samples,
+                 command=shlex.join(["wb", *sys.argv[1:]]), log=lambda message: click.echo(message, err=True))
+    if as_json:
+        print_json(result.to_json())
+    else:
+        click.echo(str(result.report))
+
+
 def main() -> None:
     wb(prog_name="wb")
 

@@ -1,0 +1,222 @@
+"""`wb compare`: evaluate a base and its fine-tunes with the same settings, then render one report.
+
+The output folder collects one results file per model (`<model-name>.json`, with its samples and
+predictions files) and `index.html`. A results file already there is re-used when it was made from
+the same weights (sha256 of every weight file, as `provenance.model_files`/`adapter_files`) with
+the same settings (`provenance.settings`), so adding a model to a comparison evaluates only that
+model. A results file made otherwise is never replaced without `force`.
+
+Models: `base`, then each `tuned` folder, then `base` + each `adapter` (evaluated unmerged, named
+`<base>+<adapter>`). The base is the report's baseline. An adapter folder written by `wb train`
+also adds its training run (loss curve, options, tokens/s) to the report.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from workbench.checksum import checksum
+from workbench.errors import WorkbenchError
+from workbench.report.load import ModelResults, load_results, sha256_file
+from workbench.report.render import render_report
+
+REPORT_NAME = "index.html"
+
+
+@dataclass(frozen=True)
+class Candidate:
+    name: str
+    model: Path
+    adapter: Path | None
+
+    @property
+    def filename(self) -> str:
+        return re.sub(r"[^A-Za-z0-9._+-]", "_", self.name) + ".json"
+
+
+@dataclass
+class CompareResult:
+    report: Path
+    results: list[Path]
+    evaluated: list[str] = field(default_factory=list)
+    reused: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"report": str(self.report), "results": [str(p) for p in self.results],
+                "evaluated": self.evaluated, "reused": self.reused}
+
+
+def candidates(base: Path, tuned: Sequence[Path], adapters: Sequence[Path]) -> list[Candidate]:
+    """The models to evaluate, each with a name that is unique within the comparison."""
+    found = [Candidate(_folder_name(base), base, None)]
+    found += [Candidate(_folder_name(t), t, None) for t in tuned]
+    found += [Candidate(f"{_folder_name(base)}+{_folder_name(a)}", base, a) for a in adapters]
+    taken: set[str] = set()
+    unique = []
+    for candidate in found:
+        name, count = candidate.name, 1
+        while name in taken:
+            count += 1
+            name = f"{candidate.name}-{count}"
+        taken.add(name)
+        unique.append(Candidate(name, candidate.model, candidate.adapter))
+    return unique
+
+
+def _folder_name(path: Path) -> str:
+    return Path(path).resolve().name
+
+
+def compare(
+    base: str | Path,
+    *,
+    tuned: Sequence[str | Path] = (),
+    adapters: Sequence[str | Path] = (),
+    tasks: Sequence[str] = (),
+    data_dir: Sequence[str] = (),
+    gen_data: str | Path | None = None,
+    num_fewshot: int | None = None,
+    limit: int | None = None,
+    batch_size: int | str = "auto",
+    device: str = "auto",
+    dtype: str = "auto",
+    chat_template: bool | None = None,
+    max_new_tokens: int = 128,
+    trust_remote_code: bool = False,
+    out: str | Path,
+    force: bool = False,
+    title: str | None = None,
+    max_samples: int = 10,
+    command: str | None = None,
+    log: Callable[[str], None] = lambda message: None,
+) -> CompareResult:
+    """Evaluate (or re-use) every model, then write `out/index.html`; `force` re-evaluates everything."""
+    if not tuned and not adapters:
+        raise WorkbenchError("nothing to compare: give a tuned model or an adapter")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise WorkbenchError("--out must be a folder", out)
+    settings = {"tasks": list(tasks), "num_fewshot": num_fewshot, "limit": limit, "data_dir": list(data_dir),
+                "gen_data": gen_data, "batch_size": batch_size, "chat_template": chat_template,
+                "max_new_tokens": max_new_tokens, "dtype": dtype}
+    eval_kwargs = {**settings, "device": device, "trust_remote_code": trust_remote_code}
+    result = CompareResult(out / REPORT_NAME, [])
+    for candidate in candidates(Path(base), [Path(t) for t in tuned], [Path(a) for a in adapters]):
+        path = out / candidate.filename
+        result.results.append(path)
+        if path.exists() and not force:
+            reasons = reuse_mismatches(load_results(path), candidate, settings)
+            if not reasons:
+                log(f"re-using {path} ({candidate.name}: same weights and settings)")
+                result.reused.append(candidate.name)
+                continue
+            raise WorkbenchError(f"{path.name} differs from this comparison in: {', '.join(reasons)}; pass --force "
+                                 "to re-evaluate and replace it, or choose another --out", path)
+        log(f"evaluating {candidate.name}")
+        _run_evaluate(candidate, path, eval_kwargs, force=path.exists())
+        result.evaluated.append(candidate.name)
+    runs = [Path(a) for a in adapters if is_train_output(Path(a))]
+    render_report(result.results, result.report, train=runs, title=title, max_samples=max_samples, force=True,
+                  command=command)
+    return result
+
+
+def is_train_output(folder: Path) -> bool:
+    """An adapter written by `wb train` brings its training run into the report."""
+    return (folder / "train_args.json").is_file() and (folder / "trainer_log.jsonl").is_file()
+
+
+def _run_evaluate(candidate: Candidate, path: Path, kwargs: dict[str, Any], force: bool) -> None:
+    from workbench import evaluate as evaluation  # lm-eval and transformers load only now
+
+    out_dir = path.parent
+    out_dir.mkdir(parents=True, exist_ok=True)
+    evaluation.evaluate(candidate.model, adapter=candidate.adapter, out=path, force=force, **kwargs)
+
+
+# -- re-use ------------------------------------------------------------------------------------------------
+def reuse_mismatches(existing: ModelResults, candidate: Candidate, settings: dict[str, Any]) -> list[str]:
+    """What differs between an existing results file and the evaluation asked for; empty: re-use it."""
+    provenance, recorded = existing.provenance, existing.settings
+    reasons = []
+    if provenance.get("model_files") != checksum(candidate.model, algo="sha256").files:
+        reasons.append("model weights")
+    wanted_adapter = checksum(candidate.adapter, algo="sha256").files if candidate.adapter else {}
+    if (provenance.get("adapter_files") or {}) != wanted_adapter:
+        reasons.append("adapter weights")
+    reasons += [key for key, same in _setting_checks(existing, recorded, settings) if not same]
+    reasons += [f"{name} ({old}; installed: {now})" for name, old, now in _version_changes(provenance.get("versions"))
+                if old != now]
+    return reasons
+
+
+def _version_changes(recorded: Any) -> list[tuple[str, Any, str | None]]:
+    """(library, recorded version, installed version): another lm-eval or torch may score differently."""
+    from importlib import metadata
+
+    from workbench import __version__
+
+    changes = []
+    for name, old in (recorded or {}).items() if isinstance(recorded, dict) else ():
+        if name == "wb":
+            changes.append((name, old, __version__))
+            continue
+        try:
+            changes.append((name, old, metadata.version(name)))
+        except (metadata.PackageNotFoundError, ValueError):
+            changes.append((name, old, None))
+    return changes
+
+
+def _setting_checks(existing: ModelResults, recorded: dict[str, Any], wanted: dict[str, Any]):
+    """(setting, matches) pairs; paths compare resolved, tasks by their canonical names."""
+    data_dirs = _data_dir_paths(wanted["data_dir"])
+    if wanted["tasks"] or not data_dirs:
+        yield "tasks", _task_set(recorded.get("tasks")) == _task_set(wanted["tasks"])
+    yield "num_fewshot", recorded.get("num_fewshot") == wanted["num_fewshot"]
+    yield "limit", recorded.get("limit") == wanted["limit"]
+    yield "data_dir", _data_dir_paths(recorded.get("data_dir")) == data_dirs
+    yield "batch_size", str(recorded.get("batch_size")) == str(wanted["batch_size"])
+    yield "chat_template", recorded.get("chat_template") == wanted["chat_template"]
+    if wanted["dtype"] != "auto":
+        from workbench.dtypes import parse_dtype
+
+        yield "dtype", str(existing.provenance.get("dtype")) == str(parse_dtype(wanted["dtype"])).removeprefix("torch.")
+    gen = wanted["gen_data"]
+    yield "gen_data", _same_path(recorded.get("gen_data"), gen)
+    if gen is not None:
+        generation = existing.generation or {}
+        yield "gen_data content", generation.get("data_sha256") == sha256_file(Path(gen))
+        yield "max_new_tokens", recorded.get("max_new_tokens") == wanted["max_new_tokens"]
+
+
+def _task_set(tasks: Any) -> frozenset[str]:
+    try:
+        from workbench.evals.tasks import canonical
+    except ImportError:  # pragma: no cover - wb eval ships with wb; kept for a partial install
+        def canonical(name: str) -> str:
+            return name
+    if isinstance(tasks, str):
+        tasks = [tasks]
+    return frozenset(canonical(n.strip()) for entry in tasks or () for n in str(entry).split(",") if n.strip())
+
+
+def _data_dir_paths(value: Any) -> frozenset[Path]:
+    """`--data-dir` entries (`NAME=PATH` or `PATH`), or the recorded {name: path}, as resolved folders."""
+    if isinstance(value, dict):
+        entries = [str(v) for v in value.values()]
+    elif isinstance(value, str):
+        entries = [value]
+    else:
+        entries = [str(v) for v in value or ()]
+    return frozenset(Path(e.partition("=")[2] if "=" in e and not Path(e).exists() else e).resolve() for e in entries)
+
+
+def _same_path(recorded: Any, wanted: Any) -> bool:
+    if recorded is None or wanted is None:
+        return recorded is None and wanted is None
+    return Path(str(recorded)).resolve() == Path(str(wanted)).resolve()

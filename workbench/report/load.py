@@ -1,0 +1,263 @@
+"""Read and validate what the other commands write: results files, train folders, merge/diff records.
+
+Every reader refuses a file it cannot use with a `WorkbenchError` naming that file, so that a
+report is never rendered from half-understood input.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from workbench.errors import WorkbenchError
+
+RESULTS_VERSION = 1
+REQUIRED_KEYS = ("wb_results_version", "name", "results", "provenance")
+# lm-eval keys that map a task name to something; absent ones are read as empty.
+TASK_MAPS = ("results", "groups", "group_subtasks", "n-shot", "n-samples", "versions", "configs", "higher_is_better")
+GENERATION_KEYS = ("data", "data_sha256", "n", "metrics")
+SIDE_RECORDS = ("merge.json", "weight_diff.json")
+
+
+@dataclass
+class ModelResults:
+    """One `wb eval` results file, validated, with its predictions and sample hashes."""
+
+    path: Path
+    name: str
+    data: dict[str, Any]
+    sha256: str
+    predictions: list[dict[str, Any]] | None = None
+    notes: list[str] = field(default_factory=list)
+    doc_hashes: dict[str, frozenset[str]] | None = None
+
+    def section(self, key: str) -> dict[str, Any]:
+        return self.data.get(key) or {}
+
+    @property
+    def results(self) -> dict[str, dict[str, Any]]:
+        return self.section("results")
+
+    @property
+    def group_subtasks(self) -> dict[str, list[str]]:
+        return self.section("group_subtasks")
+
+    @property
+    def generation(self) -> dict[str, Any] | None:
+        return self.data.get("generation")
+
+    @property
+    def provenance(self) -> dict[str, Any]:
+        return self.section("provenance")
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return self.provenance.get("settings") or {}
+
+    def n_shot(self, task: str) -> Any:
+        return self.section("n-shot").get(task)
+
+    def n_samples(self, task: str) -> dict[str, Any]:
+        entry = self.section("n-samples").get(task)
+        return entry if isinstance(entry, dict) else {}
+
+
+@dataclass
+class TrainRun:
+    """A `wb train` output folder."""
+
+    path: Path
+    args: dict[str, Any]
+    log: list[dict[str, Any]]
+    metrics: dict[str, Any] | None
+    adapter_config: dict[str, Any] | None
+    adapter_files: dict[str, str]
+
+
+def read_json(path: Path, what: str) -> Any:
+    """Parse a JSON file or raise a one-line error naming it."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise WorkbenchError(f"{what} not found", path) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise WorkbenchError(f"cannot read {what}: {exc}", path) from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise WorkbenchError(f"{what} is not valid JSON (line {exc.lineno}: {exc.msg})", path) from None
+
+
+def read_jsonl(path: Path, what: str) -> list[dict[str, Any]]:
+    """Parse a JSON-lines file whose every line is an object."""
+    rows = []
+    try:
+        with open(path, encoding="utf-8") as handle:
+            for number, line in enumerate(handle, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise WorkbenchError(f"{what}: line {number} is not valid JSON ({exc.msg})", path) from None
+                if not isinstance(row, dict):
+                    raise WorkbenchError(f"{what}: line {number} is not a JSON object", path)
+                rows.append(row)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise WorkbenchError(f"cannot read {what}: {exc}", path) from None
+    return rows
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def is_number(value: Any) -> bool:
+    """A real figure: int or float (not bool, not NaN, not lm-eval's "N/A")."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def load_results(path: str | Path) -> ModelResults:
+    """Read a `wb eval` results file and the predictions and samples files it names."""
+    path = Path(path)
+    data = read_json(path, "results file")
+    _check_results(data, path)
+    results = ModelResults(path=path, name=data["name"], data=data, sha256=sha256_file(path))
+    generation = data.get("generation")
+    if generation and generation.get("predictions_file"):
+        side = _side_file(path, generation["predictions_file"], "generation.predictions_file")
+        if side.is_file():
+            results.predictions = read_jsonl(side, "predictions file")
+        else:
+            results.notes.append(f"predictions file {side.name} is missing, so no generation samples are shown")
+    if data.get("samples_file"):
+        side = _side_file(path, data["samples_file"], "samples_file")
+        if side.is_file():
+            results.doc_hashes = _doc_hashes(read_jsonl(side, "samples file"))
+        else:
+            results.notes.append(f"samples file {side.name} is missing, so documents cannot be compared")
+    return results
+
+
+def _check_results(data: Any, path: Path) -> None:
+    if not isinstance(data, dict):
+        raise WorkbenchError("not a wb results file: the top level is not a JSON object", path)
+    if "wb_results_version" not in data:
+        raise WorkbenchError("not a wb results file: no 'wb_results_version' (write one with `wb eval`)", path)
+    if data["wb_results_version"] != RESULTS_VERSION:
+        raise WorkbenchError(
+            f"unsupported wb_results_version {data['wb_results_version']!r} (this wb reads {RESULTS_VERSION})", path
+        )
+    missing = [key for key in REQUIRED_KEYS if key not in data]
+    if missing:
+        raise WorkbenchError(f"results file lacks {', '.join(repr(k) for k in missing)}", path)
+    if not isinstance(data["name"], str) or not data["name"].strip():
+        raise WorkbenchError("results file: 'name' must be a non-empty string", path)
+    for key in TASK_MAPS:
+        value = data.get(key)
+        if value is not None and not isinstance(value, dict):
+            raise WorkbenchError(f"results file: {key!r} must be an object", path)
+    for task, metrics in data["results"].items():
+        if not isinstance(metrics, dict):
+            raise WorkbenchError(f"results file: results[{task!r}] must be an object", path)
+    for group, children in (data.get("group_subtasks") or {}).items():
+        if not isinstance(children, list):
+            raise WorkbenchError(f"results file: group_subtasks[{group!r}] must be a list", path)
+    if not isinstance(data["provenance"], dict):
+        raise WorkbenchError("results file: 'provenance' must be an object", path)
+    _check_generation(data.get("generation"), path)
+
+
+def _check_generation(generation: Any, path: Path) -> None:
+    if generation is None:
+        return
+    if not isinstance(generation, dict):
+        raise WorkbenchError("results file: 'generation' must be null or an object", path)
+    missing = [key for key in GENERATION_KEYS if key not in generation]
+    if missing:
+        raise WorkbenchError(f"results file: generation lacks {', '.join(repr(k) for k in missing)}", path)
+    for key in ("metrics", "stderr"):
+        block = generation.get(key)
+        if block is not None and not isinstance(block, dict):
+            raise WorkbenchError(f"results file: generation.{key} must be an object", path)
+
+
+def _side_file(results_path: Path, name: Any, key: str) -> Path:
+    """A file a results file names: only a plain file name beside it is accepted."""
+    if not isinstance(name, str) or not name or Path(name).name != name:
+        raise WorkbenchError(f"results file: {key} must be a file name beside it, not {name!r}", results_path)
+    return results_path.parent / name
+
+
+def _doc_hashes(rows: list[dict[str, Any]]) -> dict[str, frozenset[str]]:
+    by_task: dict[str, set[str]] = {}
+    for row in rows:
+        task, doc_hash = row.get("task"), row.get("doc_hash")
+        if isinstance(task, str) and isinstance(doc_hash, str):
+            by_task.setdefault(task, set()).add(doc_hash)
+    return {task: frozenset(hashes) for task, hashes in by_task.items()}
+
+
+def unique_names(models: list[ModelResults]) -> None:
+    """Two files naming the same model (say 0-shot and 5-shot runs) get their file stem appended."""
+    counts: dict[str, int] = {}
+    for model in models:
+        counts[model.name] = counts.get(model.name, 0) + 1
+    seen: set[str] = set()
+    for model in models:
+        if counts[model.name] > 1:
+            model.name = f"{model.name} [{model.path.stem}]"
+        if model.name in seen:
+            raise WorkbenchError(f"two results files have the same name {model.name!r}; give one another file name",
+                                 model.path)
+        seen.add(model.name)
+
+
+def load_train_run(path: str | Path) -> TrainRun:
+    """Read a `wb train` output folder: options, log, final metrics, adapter config and hashes."""
+    path = Path(path)
+    if not path.is_dir():
+        raise WorkbenchError("not a `wb train` output folder", path)
+    args = read_json(path / "train_args.json", "train_args.json")
+    if not isinstance(args, dict):
+        raise WorkbenchError("train_args.json is not a JSON object", path / "train_args.json")
+    log_path = path / "trainer_log.jsonl"
+    if not log_path.is_file():
+        raise WorkbenchError("not a `wb train` output folder: trainer_log.jsonl is missing", path)
+    log = read_jsonl(log_path, "trainer_log.jsonl")
+    for number, row in enumerate(log, start=1):
+        if not is_number(row.get("step")):
+            raise WorkbenchError(f"trainer_log.jsonl: entry {number} has no numeric 'step'", log_path)
+    metrics = _optional_object(path / "metrics.json")
+    adapter_config = _optional_object(path / "adapter_config.json")
+    adapter_files = {
+        file.name: sha256_file(file) for file in sorted(path.glob("adapter_model.*")) if file.is_file()
+    }
+    return TrainRun(path, args, log, metrics, adapter_config, adapter_files)
+
+
+def _optional_object(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    data = read_json(path, path.name)
+    if not isinstance(data, dict):
+        raise WorkbenchError(f"{path.name} is not a JSON object", path)
+    return data
+
+
+def load_side_record(folder: Path) -> tuple[str, dict[str, Any]] | None:
+    """The merge.json or weight_diff.json that `wb merge`/`wb recover`/`wb diff` leave in a folder."""
+    root = folder if folder.is_dir() else folder.parent
+    for name in SIDE_RECORDS:
+        record = _optional_object(root / name)
+        if record is not None:
+            return name, record
+    return None

@@ -1,0 +1,170 @@
+"""Relative weight change ‖ΔW‖/‖W‖ per layer and module, streamed one tensor (block) at a time.
+
+Both checkpoints are opened through the io layer, so tensors are read-only views of mapped files;
+squared norms are accumulated in float64 over blocks of at most `BLOCK_ELEMENTS` elements, which
+bounds memory by a few blocks whatever the model size.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from workbench.checksum import checksum
+from workbench.errors import WorkbenchError
+from workbench.io.reader import Checkpoint, open_checkpoint
+from workbench.progress import progress_bar
+from workbench.report.load import load_side_record
+
+BLOCK_ELEMENTS = 4 * 1024 * 1024
+_LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.(.+)$")
+_PARAM_SUFFIXES = (".weight", ".bias")
+
+
+@dataclass
+class ModelWeights:
+    """A checkpoint's identity: where it is, the sha256 of each weight file, its float64 weight-sum."""
+
+    name: str
+    path: Path
+    files: dict[str, str]
+    weight_sum: float | None
+    format: str
+    tensors: int
+    record: tuple[str, dict[str, Any]] | None  # merge.json / weight_diff.json found beside it
+
+
+@dataclass
+class Norms:
+    delta_sq: float = 0.0
+    base_sq: float = 0.0
+
+    def add(self, other: Norms) -> None:
+        self.delta_sq += other.delta_sq
+        self.base_sq += other.base_sq
+
+    @property
+    def relative(self) -> float | None:
+        """‖ΔW‖/‖W‖, or None where ‖W‖ is zero (a relative change is undefined there)."""
+        if self.base_sq == 0.0:
+            return None
+        return (self.delta_sq / self.base_sq) ** 0.5
+
+
+@dataclass
+class WeightComparison:
+    base: ModelWeights
+    tuned: ModelWeights
+    layers: list[int] = field(default_factory=list)
+    modules: list[str] = field(default_factory=list)
+    cells: dict[tuple[int, str], Norms] = field(default_factory=dict)
+    others: dict[str, Norms] = field(default_factory=dict)  # tensors outside the layer stack
+    total: Norms = field(default_factory=Norms)
+    only_base: list[str] = field(default_factory=list)
+    only_tuned: list[str] = field(default_factory=list)
+    reshaped: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
+
+
+def parse_weight_spec(text: str) -> tuple[str, Path]:
+    """`NAME=PATH` or a bare `PATH` (named after its folder)."""
+    name, sep, path_text = text.partition("=")
+    if not sep:
+        name, path_text = "", text
+    path = Path(path_text)
+    if not path_text or not path.exists():
+        raise WorkbenchError("--weights: no such checkpoint", path_text or text)
+    if not name:
+        resolved = path.resolve()
+        name = (resolved if resolved.is_dir() else resolved.parent).name
+    return name, path
+
+
+def layer_and_module(tensor_name: str) -> tuple[int | None, str]:
+    """`model.layers.3.self_attn.q_proj.weight` -> (3, "q_proj"); `lm_head.weight` -> (None, "lm_head")."""
+    stem = tensor_name
+    for suffix in _PARAM_SUFFIXES:
+        if stem.endswith(suffix):
+            stem = stem[: -len(suffix)]
+            break
+    match = _LAYER.search(stem)
+    if match is None:
+        return None, stem
+    return int(match.group(1)), match.group(2).rsplit(".", 1)[-1]
+
+
+def tensor_norms(base: torch.Tensor, tuned: torch.Tensor) -> Norms:
+    """Σ(tuned − base)² and Σbase² in float64, block by block."""
+    flat_base, flat_tuned = base.reshape(-1), tuned.reshape(-1)
+    norms = Norms()
+    for start in range(0, flat_base.numel(), BLOCK_ELEMENTS):
+        b = flat_base[start:start + BLOCK_ELEMENTS].to(torch.float64)
+        t = flat_tuned[start:start + BLOCK_ELEMENTS].to(torch.float64)
+        norms.delta_sq += float(torch.sum((t - b) ** 2))
+        norms.base_sq += float(torch.sum(b * b))
+    return norms
+
+
+def fingerprint(name: str, path: Path) -> ModelWeights:
+    """sha256 of every weight file and the weight-sum, exactly as `wb checksum --weight-sum` reports them."""
+    result = checksum(path, algo="sha256", weight_sum=True)
+    with open_checkpoint(path) as ckpt:
+        fmt, tensors = ckpt.format, len(ckpt)
+    return ModelWeights(name, path, result.files, result.weight_sum, fmt, tensors, load_side_record(path))
+
+
+def compare_weights(base: ModelWeights, tuned: ModelWeights) -> WeightComparison:
+    """Walk the tensors both checkpoints hold and sum the squared norms per (layer, module)."""
+    comparison = WeightComparison(base, tuned)
+    with open_checkpoint(base.path) as base_ckpt, open_checkpoint(tuned.path) as tuned_ckpt:
+        common = [name for name in base_ckpt.names() if name in tuned_ckpt]
+        if not common:
+            raise WorkbenchError(
+                f"no tensor names in common with {base.path}; an adapter must be merged first (wb merge)", tuned.path
+            )
+        comparison.only_base = [n for n in base_ckpt.names() if n not in tuned_ckpt]
+        comparison.only_tuned = [n for n in tuned_ckpt.names() if n not in base_ckpt]
+        _accumulate(comparison, base_ckpt, tuned_ckpt, common)
+    return comparison
+
+
+def _accumulate(comparison: WeightComparison, base_ckpt: Checkpoint, tuned_ckpt: Checkpoint, names: list[str]) -> None:
+    total_bytes = sum(base_ckpt.infos[n].nbytes for n in names)
+    with progress_bar(total_bytes, f"ΔW {comparison.tuned.name}") as bar:
+        for name in names:
+            base_info, tuned_info = base_ckpt.infos[name], tuned_ckpt.infos[name]
+            bar.update(base_info.nbytes)
+            if base_info.shape != tuned_info.shape:
+                comparison.reshaped.append((name, base_info.shape, tuned_info.shape))
+                continue
+            if not (base_info.dtype.is_floating_point and tuned_info.dtype.is_floating_point):
+                continue
+            norms = tensor_norms(base_ckpt.tensor(name), tuned_ckpt.tensor(name))
+            comparison.total.add(norms)
+            layer, module = layer_and_module(name)
+            if layer is None:
+                comparison.others.setdefault(module, Norms()).add(norms)
+                continue
+            if layer not in comparison.layers:
+                comparison.layers.append(layer)
+            if module not in comparison.modules:
+                comparison.modules.append(module)
+            comparison.cells.setdefault((layer, module), Norms()).add(norms)
+    comparison.layers.sort()
+
+
+def weight_comparisons(pairs: list[tuple[str, str]]) -> list[WeightComparison]:
+    """One comparison per `(BASE=PATH, TUNED=PATH)` pair; a checkpoint used twice is hashed once."""
+    fingerprints: dict[tuple[str, Path], ModelWeights] = {}
+
+    def model(spec: str) -> ModelWeights:
+        name, path = parse_weight_spec(spec)
+        key = (name, path.resolve())
+        if key not in fingerprints:
+            fingerprints[key] = fingerprint(name, path)
+        return fingerprints[key]
+
+    return [compare_weights(model(base), model(tuned)) for base, tuned in pairs]
