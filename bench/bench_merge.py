@@ -110,24 +110,8 @@ def build_adapter(folder: Path) -> int:
     return sum(t.numel() * 4 for t in tensors.values())
 
 
-def compare_outputs(ours: Path, theirs: Path) -> dict:
-    """Max |difference| over every tensor of both outputs (bf16; peft rounds the same single sum)."""
-    from workbench.io.reader import open_checkpoint
-
-    a, b = open_checkpoint(ours), open_checkpoint(theirs)
-    if set(a.names()) != set(b.names()):
-        raise RuntimeError(f"outputs hold different tensors: {sorted(set(a.names()) ^ set(b.names()))[:3]}")
-    worst, unequal = 0.0, 0
-    for name in a.names():
-        x, y = a.tensor(name), b.tensor(name)
-        if not x.equal(y):
-            unequal += 1
-            worst = max(worst, float((x.float() - y.float()).abs().max()))
-    return {"tensors": len(a), "tensors_not_bitwise_equal": unequal, "max_abs_diff": worst}
-
-
 def run(work: Path) -> dict:
-    from bench.measure import run_measured, target
+    from bench.measure import compare_checkpoints, run_measured, target
 
     base, adapter = work / "base", work / "adapter"
     base_bytes = build_base(base)
@@ -146,7 +130,7 @@ def run(work: Path) -> dict:
             if result["returncode"] != 0:
                 raise RuntimeError(f"{name} failed: {result['stderr_tail']}")
             runs[name].append(result)
-    agreement = compare_outputs(work / "wb-out", work / "peft-out")
+    agreement = compare_checkpoints(work / "wb-out", work / "peft-out")
     wall = {name: min(r["wall_s"] for r in results) for name, results in runs.items()}
     peak = {name: max(r["peak_rss_anon_mb"] for r in results) for name, results in runs.items()}
     memory_ratio, wall_ratio = peak["wb"] / peak["peft"], wall["wb"] / wall["peft"]

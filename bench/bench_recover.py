@@ -108,24 +108,8 @@ def warm(*folders: Path) -> None:
                     pass
 
 
-def compare_outputs(ours: Path, theirs: Path) -> dict:
-    """How many tensors of the baseline's output differ bit-wise from wb's (and by how much)."""
-    from workbench.io.reader import open_checkpoint
-
-    a, b = open_checkpoint(ours), open_checkpoint(theirs)
-    if set(a.names()) != set(b.names()):
-        raise RuntimeError(f"outputs hold different tensors: {sorted(set(a.names()) ^ set(b.names()))[:3]}")
-    worst, unequal = 0.0, 0
-    for name in a.names():
-        x, y = a.tensor(name), b.tensor(name)
-        if x.dtype != y.dtype or not x.equal(y):
-            unequal += 1
-            worst = max(worst, float((x.float() - y.float()).abs().max()))
-    return {"tensors": len(a), "tensors_not_bitwise_equal": unequal, "max_abs_diff": worst}
-
-
 def run(work: Path) -> dict:
-    from bench.measure import run_measured, target
+    from bench.measure import compare_checkpoints, run_measured, target
 
     raw, tuned, diff = work / "raw", work / "tuned", work / "diff"
     raw_bytes = build_raw_and_tuned(raw, tuned)
@@ -160,7 +144,7 @@ def run(work: Path) -> dict:
             "baseline_peak_rss_anon_mb": theirs["peak_rss_anon_mb"],
             "peak_anon_ratio": round(memory_ratio, 4),
             "wall_ratio": round(wall_ratio, 4),
-            "output_agreement": compare_outputs(work / "wb-out", work / "baseline-out"),
+            "output_agreement": compare_checkpoints(work / "wb-out", work / "baseline-out"),
         },
         "targets": {
             "peak_anon_ratio": target(memory_ratio, 0.2),

@@ -50,3 +50,19 @@ def run_measured(cmd: list[str], env: dict | None = None, interval: float = 0.02
 def target(value: float, limit: float, higher_is_better: bool = False) -> dict:
     met = value >= limit if higher_is_better else value <= limit
     return {"value": round(value, 4), "target": ("≥ " if higher_is_better else "≤ ") + str(limit), "met": met}
+
+
+def compare_checkpoints(ours: Path, theirs: Path) -> dict:
+    """How many tensors of two outputs differ bit-wise (dtype included), and by how much at most."""
+    from workbench.io.reader import open_checkpoint
+
+    a, b = open_checkpoint(ours), open_checkpoint(theirs)
+    if set(a.names()) != set(b.names()):
+        raise RuntimeError(f"outputs hold different tensors: {sorted(set(a.names()) ^ set(b.names()))[:3]}")
+    worst, unequal = 0.0, 0
+    for name in a.names():
+        x, y = a.tensor(name), b.tensor(name)
+        if x.dtype != y.dtype or not x.equal(y):
+            unequal += 1
+            worst = max(worst, float((x.float() - y.float()).abs().max()))
+    return {"tensors": len(a), "tensors_not_bitwise_equal": unequal, "max_abs_diff": worst}
