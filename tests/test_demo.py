@@ -15,7 +15,16 @@ from click.testing import CliRunner
 from tiny import make_model
 
 from workbench.cli import wb
-from workbench.demo import MARKER, DemoSettings, Step, StepRunner, default_base, prepare_out, run_demo
+from workbench.demo import (
+    MARKER,
+    DemoSettings,
+    Step,
+    StepRunner,
+    default_base,
+    eval_args,
+    prepare_out,
+    run_demo,
+)
 from workbench.demo_data import (
     ASSISTANT_NAME,
     KEY_ORDER,
@@ -203,6 +212,21 @@ def test_demo_cli_parses_settings(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     assert seen["settings"] == DemoSettings(epochs=2.0, lora_r=4) and seen["data_dir"] == ["a", "b"]
     assert json.loads(result.stdout) == {"total_s": 0.0}
+
+
+def test_demo_eval_scores_its_own_multiple_choice_set(tmp_path):
+    """Both evaluations pass the demo's set as `custom=` first, then the user's --data-dir folders."""
+    from workbench.evals.layouts import open_local
+    from workbench.evaluate import _task_names
+
+    data = write_demo_data(tmp_path / "d", seed=0, n_train=20, n_test=5, n_mc=10)
+    args = eval_args(tmp_path / "m", data.adgen_test, data.mc_dir, ["mmlu=x"], DemoSettings(), "cpu", tmp_path / "r.json")
+    dirs = [args[i + 1] for i, a in enumerate(args) if a == "--data-dir"]
+    assert dirs == [f"custom={data.mc_dir}", "mmlu=x"]
+    assert args[args.index("--limit") + 1] == "10" and args[args.index("--num-fewshot") + 1] == "0"
+    local = open_local(dirs[0])
+    assert local.benchmark.name == "custom" and local.subjects == (MC_SUBJECT,)
+    assert _task_names((), {"custom": local}) == ["custom"]
 
 
 @pytest.mark.parametrize("base, message", [

@@ -289,6 +289,44 @@ def test_three_benchmarks_from_local_files(tmp_path, tiny_model):
     assert results["provenance"]["model_files"].keys() == {"model.safetensors"}
 
 
+def test_custom_subjects_scored_as_mmlu(tmp_path, tiny_model):
+    """`custom=DIR`: any subjects in MMLU's layout, each scored as lm-eval's MMLU subject tasks are."""
+    from workbench.evals.tasks import load_tasks
+
+    rows = {"wb_colours": 3, "space_facts": 4}
+    for subject, count in rows.items():
+        for split, n in (("dev", 5), ("test", count)):
+            write_csv(tmp_path / "mc" / "data" / split / f"{subject}_{split}.csv",
+                      [[f" {subject} {split} question {i}? ", "red", "blue", "green", "None", "ABCD"[i % 4]]
+                       for i in range(n)])
+    spec = f"custom={tmp_path / 'mc'}"
+    results = evaluate(tiny_model, data_dir=[spec, str(mini("mmlu"))], limit=2, num_fewshot=1, out=tmp_path / "R.json")
+    assert results["provenance"]["settings"]["tasks"] == ["custom", "mmlu"]
+    assert results["group_subtasks"]["custom"] == ["custom_space_facts", "custom_wb_colours"]
+    for subject, count in rows.items():
+        assert results["n-samples"][f"custom_{subject}"] == {"original": count, "effective": 2}
+        assert results["n-shot"][f"custom_{subject}"] == 1
+    check_groups(results, "custom", ("acc",))
+    assert results["groups"]["custom"]["alias"] == "custom" and "mmlu" in results["groups"]
+
+    (group,) = load_tasks(["custom"], {"custom": open_local(spec)}, None)
+    (mmlu,) = load_tasks(["mmlu_nutrition"], {"mmlu": open_local(str(mini("mmlu")))}, None)
+    for task in group.get_all_tasks():
+        assert task.get_config("num_fewshot") == 5 and task.config.fewshot_config.sampler == "first_n"
+        assert task.config.description == mmlu.config.description.replace("nutrition", task.config.dataset_name.replace("_", " "))
+        doc = task.eval_docs[1]
+        assert task.doc_to_text(doc) == mmlu.doc_to_text(doc) and task.doc_to_choice(doc) == ["A", "B", "C", "D"]
+        assert task.doc_to_target(doc) == mmlu.doc_to_target(doc) == 1
+        assert task.fewshot_context(doc, 1).endswith(mmlu.doc_to_text(task.fewshot_docs()[0]) + " A\n\n" + mmlu.doc_to_text(doc))
+
+    bad = write_csv(tmp_path / "mc" / "data" / "test" / "wb_colours_test.csv", [["q", "a", "b", "c", "d", "A"], ["q", "a", "b", "E"]])
+    with pytest.raises(WorkbenchError, match="expected 6 columns, found 4") as err:
+        evaluate(tiny_model, data_dir=[spec], out=tmp_path / "R2.json")
+    assert err.value.path == f"{bad.resolve()}:2"
+    with pytest.raises(WorkbenchError, match="unknown task 'custom_nope'"):
+        evaluate(tiny_model, tasks=["custom_nope"], out=tmp_path / "R2.json")
+
+
 def test_full_ceval_run_counts_every_question(tmp_path, tiny_model):
     results = evaluate(tiny_model, tasks=["ceval"], data_dir=[str(mini("ceval"))], num_fewshot=0, out=tmp_path / "R.json")
     for task, rows in expected_rows("ceval").items():

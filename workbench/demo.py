@@ -51,8 +51,8 @@ class DemoSettings:
     grad_accum: int = 1
     cutoff_len: int = 192
     max_new_tokens: int = 80
-    limit: int | None = 10  # questions per subject of --data-dir benchmarks
-    num_fewshot: int | None = 0  # few-shot examples for --data-dir benchmarks (None: wb eval's default, 5)
+    limit: int | None = 10  # questions per subject of multiple-choice sets (the demo's own, --data-dir ones)
+    num_fewshot: int | None = 0  # few-shot examples for multiple choice (None: wb eval's default, 5)
     dtype: str = "auto"  # compute dtype of train and eval (auto: bf16 on a GPU that has it, else fp32)
 
 
@@ -320,9 +320,9 @@ def run_demo(
     evals = out / "eval"
     base_results, tuned_results = evals / "base.json", evals / "tuned.json"
     for label, model, results in (("base", base_path, base_results), ("tuned", merged, tuned_results)):
-        runner.run(Step(f"eval-{label}", f"evaluate the {label} model: ad-copy generation (ROUGE/BLEU)"
-                        + (" and multiple choice" if data_dir else ""),
-                        eval_args(model, data.adgen_test, data_dir, settings, torch_device, results), [results]))
+        runner.run(Step(f"eval-{label}", f"evaluate the {label} model: ad-copy generation (ROUGE/BLEU) and multiple choice",
+                        eval_args(model, data.adgen_test, data.mc_dir, data_dir, settings, torch_device, results),
+                        [results]))
     report = out / "index.html"
     runner.run(Step("report", "render the HTML report", [
         "report", str(base_results), str(tuned_results), "--train", str(train_dir),
@@ -332,24 +332,29 @@ def run_demo(
                     time.perf_counter() - started, report, echo)
 
 
-def eval_args(model: Path, gen_data: Path, data_dir, settings: DemoSettings, device: str, out: Path) -> list[str]:
+def eval_args(model: Path, gen_data: Path, mc_dir: Path, data_dir, settings: DemoSettings, device: str,
+              out: Path) -> list[str]:
+    """`wb eval` arguments: the demo's ad-copy prompts, its own multiple-choice set (group `custom`), `data_dir`."""
     args = ["eval", "--model", str(model), "--gen-data", str(gen_data), "--max-new-tokens",
-            str(settings.max_new_tokens), "--device", device, "--dtype", settings.dtype, "--out", str(out)]
+            str(settings.max_new_tokens), "--device", device, "--dtype", settings.dtype, "--out", str(out),
+            "--data-dir", f"custom={mc_dir}"]
     for folder in data_dir:
         args += ["--data-dir", str(folder)]
-    if data_dir and settings.limit is not None:
+    if settings.limit is not None:
         args += ["--limit", str(settings.limit)]
-    if data_dir and settings.num_fewshot is not None:
+    if settings.num_fewshot is not None:
         args += ["--num-fewshot", str(settings.num_fewshot)]
     return args
 
 
 def _summary(out: Path, base: Path, runner: StepRunner, settings: DemoSettings, device: str, base_results: Path,
              tuned_results: Path, weight_sum: float, seconds: float, report: Path, echo) -> dict:
-    generation = {}
+    generation, choice = {}, {}
     for label, path in (("base", base_results), ("tuned", tuned_results)):
-        block = json.loads(path.read_text(encoding="utf-8")).get("generation") or {}
-        generation[label] = block.get("metrics")
+        results = json.loads(path.read_text(encoding="utf-8"))
+        generation[label] = (results.get("generation") or {}).get("metrics")
+        choice[label] = {group: scores["acc,none"] for group, scores in (results.get("groups") or {}).items()
+                         if "acc,none" in scores}
     summary = {
         "base": str(base),
         "device": device,
@@ -361,6 +366,7 @@ def _summary(out: Path, base: Path, runner: StepRunner, settings: DemoSettings, 
                   for r in runner.results],
         "merged_weight_sum": weight_sum,
         "generation": generation,
+        "multiple_choice_acc": choice,
         "report": str(report),
     }
     with atomic_file(out / "demo.json", force=True) as handle:
@@ -372,5 +378,8 @@ def _summary(out: Path, base: Path, runner: StepRunner, settings: DemoSettings, 
         if metrics:
             figures = ", ".join(f"{k} {v:.2f}" for k, v in metrics.items())
             echo(f"  ad copy, {label:<5}: {figures}")
+    for label, groups in choice.items():
+        if groups:
+            echo(f"  multiple choice acc, {label:<5}: " + ", ".join(f"{g} {v:.2f}" for g, v in groups.items()))
     echo(f"  report: {report}")
     return summary

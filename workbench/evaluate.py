@@ -68,7 +68,8 @@ def evaluate(
     """Evaluate `model` (with `adapter`, unmerged) and write RESULTS.json to `out`; returns its content.
 
     tasks: lm-eval task/group names ("ceval" means "ceval-valid"); empty means the benchmarks of
-    `data_dir`. data_dir: "NAME=PATH" or "PATH" entries (NAME: mmlu, ceval, cmmlu), evaluated from
+    `data_dir`. data_dir: "NAME=PATH" or "PATH" entries (NAME: mmlu, ceval, cmmlu, or custom: any
+    subjects in MMLU's layout, scored as tasks custom_<subject> in group custom), evaluated from
     local CSV files. gen_data: prompt/reference records for ROUGE/BLEU. limit: the first N questions
     of each task (generation always runs every record). num_fewshot None: 5 for MMLU/C-Eval/CMMLU,
     lm-eval's default for other tasks. chat_template None: generation uses the tokenizer's template
@@ -221,7 +222,7 @@ def _open_data_dirs(specs: list[str], open_local) -> dict:
 
 def _task_names(tasks, local: dict) -> list[str]:
     """Requested names (comma lists allowed, aliases resolved); none: the local benchmarks' groups."""
-    from workbench.evals.tasks import canonical, family_members
+    from workbench.evals.tasks import canonical, local_members
 
     names: list[str] = []
     for entry in [tasks] if isinstance(tasks, str) else tasks or ():
@@ -231,7 +232,7 @@ def _task_names(tasks, local: dict) -> list[str]:
                 names.append(name)
     if not names:
         return [folder.benchmark.group for folder in local.values()]
-    members = family_members()
+    members = local_members(local)
     for benchmark, folder in local.items():
         if not any(members.get(name) == benchmark for name in names):
             raise WorkbenchError(f"--data-dir {benchmark} is given but no {benchmark} task is asked for", folder.given)

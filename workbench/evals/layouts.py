@@ -1,5 +1,7 @@
 """MMLU, C-Eval and CMMLU in the CSV layouts they are published in, read with the `csv` module.
 
+`custom` is a folder of any subjects in MMLU's layout, scored with MMLU's prompt (see tasks.py).
+
 Each benchmark is described once (`BENCHMARKS`): where its eval and few-shot splits live, the CSV
 header it must have, and how a row becomes a document in the schema of the Hugging Face dataset
 that lm-eval's own task reads (`cais/mmlu`, `ceval/ceval-exam`, `haonan-li/cmmlu`). Documents
@@ -14,7 +16,7 @@ from __future__ import annotations
 import csv
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from workbench.errors import WorkbenchError
@@ -113,6 +115,8 @@ BENCHMARKS: dict[str, Benchmark] = {
         to_doc=_cmmlu_doc,
     ),
 }
+CUSTOM = replace(BENCHMARKS["mmlu"], name="custom", group="custom")  # any subjects, MMLU's layout and prompt
+NAMED = {**BENCHMARKS, CUSTOM.name: CUSTOM}  # what --data-dir NAME= accepts; layout detection knows BENCHMARKS only
 ALIASES = {"ceval-valid": "ceval"}
 
 
@@ -136,11 +140,11 @@ class LocalBenchmark:
 def parse_data_dir(spec: str) -> tuple[str | None, Path]:
     """"NAME=PATH" gives (benchmark name, PATH); a bare PATH gives (None, PATH)."""
     name, sep, rest = spec.partition("=")
-    if sep and name.strip().lower() in {*BENCHMARKS, *ALIASES}:
+    if sep and name.strip().lower() in {*NAMED, *ALIASES}:
         key = name.strip().lower()
         return ALIASES.get(key, key), Path(rest)
     if sep and not Path(spec).exists():
-        known = ", ".join(BENCHMARKS)
+        known = ", ".join(NAMED)
         raise WorkbenchError(f"--data-dir {spec!r}: unknown benchmark {name!r}; use one of {known}, or a bare folder")
     return None, Path(spec)
 
@@ -152,7 +156,7 @@ def open_local(spec: str) -> LocalBenchmark:
     if not given.is_dir():
         raise WorkbenchError("--data-dir is not a folder", given)
     name = name or detect(given)
-    benchmark = BENCHMARKS[name]
+    benchmark = NAMED[name]
     root = _split_root(given, benchmark)
     subjects = _subjects(root, benchmark)
     for subject in subjects:

@@ -5,6 +5,10 @@ few-shot sampler, choices, metrics, version) with only the data source replaced:
 returns the documents read from the CSV files. Groups are lm-eval's groups (`mmlu` with its four
 categories, `ceval-valid`, `cmmlu`) holding the subjects the folder has, aggregated as lm-eval
 aggregates them (size-weighted means). Nothing of a local task touches the network.
+
+A `custom` folder (MMLU's layout, any subjects) becomes tasks `custom_<subject>` built from
+lm-eval's MMLU subject template (`_default_template_yaml`, with MMLU's description) under a group
+`custom` aggregated like lm-eval's `mmlu` group.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from workbench.errors import WorkbenchError
-from workbench.evals.layouts import BENCHMARKS, LocalBenchmark
+from workbench.evals.layouts import BENCHMARKS, CUSTOM, LocalBenchmark
 
 TASK_ALIASES = {"ceval": "ceval-valid"}  # the group name lm-eval gives C-Eval's scored (val) split
 FAMILY_FOLDERS = {"mmlu": ("mmlu", "default"), "ceval": ("ceval",), "cmmlu": ("cmmlu",)}
@@ -54,6 +58,19 @@ def family_members() -> dict[str, str]:
     return members
 
 
+def local_members(local: dict[str, LocalBenchmark]) -> dict[str, str]:
+    """family_members() plus the `custom` group and its `custom_<subject>` tasks when a custom folder is given."""
+    members = dict(family_members())
+    if CUSTOM.name in local:
+        members[CUSTOM.group] = CUSTOM.name
+        members.update({custom_task(s): CUSTOM.name for s in local[CUSTOM.name].subjects})
+    return members
+
+
+def custom_task(subject: str) -> str:
+    return f"{CUSTOM.group}_{subject}"
+
+
 def canonical(name: str) -> str:
     return TASK_ALIASES.get(name, name)
 
@@ -64,7 +81,7 @@ def load_tasks(names: list[str], local: dict[str, LocalBenchmark], num_fewshot: 
     With `num_fewshot` None, MMLU/C-Eval/CMMLU tasks are set to DEFAULT_FEWSHOT and other tasks keep
     lm-eval's default; an explicit value is applied by lm-eval's simple_evaluate.
     """
-    members = family_members()
+    members = local_members(local)
     online = [n for n in names if members.get(n) not in local]
     manager = task_manager(bool(online))
     for name in online:
@@ -75,7 +92,10 @@ def load_tasks(names: list[str], local: dict[str, LocalBenchmark], num_fewshot: 
     built, local_nodes = [], []
     for name in names:
         benchmark = members.get(name)
-        if benchmark in local:
+        if benchmark == CUSTOM.name:
+            node = custom_node(local[benchmark], name)
+            local_nodes.append(node)
+        elif benchmark in local:
             node = LocalBuilder(manager, local[benchmark]).build(name)
             if node is None:
                 raise WorkbenchError(f"{name}: none of its subjects is in the folder", local[benchmark].given)
@@ -204,3 +224,46 @@ class LocalBuilder:
         override = {"task": name, "custom_dataset": LocalDataset(self.local, subject), "dataset_path": str(self.local.root)}
         loaded = self.manager.load({"group": f"wb-local::{name}", "task": [override]})
         return loaded["tasks"][name]
+
+
+def custom_node(local: LocalBenchmark, name: str):
+    """The Task `custom_<subject>`, or the Group `custom` of every subject, as lm-eval's MMLU builds them.
+
+    Each task is lm-eval's MMLU subject config (its `_default_template_yaml`: prompt, choices,
+    target, metric, first_n few-shot sampler from dev) with MMLU's description for the subject; the
+    group takes `mmlu`'s aggregation (size-weighted mean).
+    """
+    from lm_eval.api.group import Group
+    from lm_eval.api.task import ConfigurableTask
+    from lm_eval.config.group import GroupConfig
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    mmlu_yaml = Path(task_manager(False).task_index["mmlu"].yaml_path)
+    template = load_yaml(mmlu_yaml.parent / "_default_template_yaml", resolve_func=True)
+
+    def task(subject: str):
+        about = subject.replace("_", " ")
+        config = {
+            **template,
+            "task": custom_task(subject),
+            "task_alias": subject,
+            "dataset_name": subject,
+            "dataset_path": str(local.root),
+            "description": f"The following are multiple choice questions (with answers) about {about}.\n\n",
+            "custom_dataset": LocalDataset(local, subject),
+            "metadata": {**template.get("metadata", {}), "config_source": f"wb custom, from {mmlu_yaml.parent}"},
+        }
+        return ConfigurableTask(config=config)
+
+    if name != CUSTOM.group:
+        return task(name.removeprefix(f"{CUSTOM.group}_"))
+    mmlu = load_yaml(mmlu_yaml, resolve_func=True)
+    group = Group.from_config(GroupConfig(
+        group=CUSTOM.group,
+        task=[custom_task(s) for s in local.subjects],
+        aggregate_metric_list=mmlu["aggregate_metric_list"],
+        metadata=mmlu.get("metadata"),
+    ))
+    for subject in local.subjects:
+        group.add(task(subject))
+    return group
