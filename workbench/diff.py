@@ -53,7 +53,6 @@ from workbench.weight_diff import (
     find_fixups,
     fixup_names,
     mean_row,
-    one_compute_thread,
     resized_rows,
     row_ranges,
     rows_of,
@@ -121,7 +120,7 @@ def make_diff(
     ]
     with atomic_dir(out, force) as tmp:
         job = _DiffPass(raw, tun, resized, _FixupSpill(tmp), TensorDigests(), TensorDigests())
-        with job.base_digests, job.tuned_digests, one_compute_thread():
+        with job.base_digests, job.tuned_digests:
             report = write_checkpoint(tmp, plan_shards(specs, shard_size), job.produce, description="diff")
         fixup_report = job.spill.write(tmp)
         copy_side_files(tun.root, tmp)

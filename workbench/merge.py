@@ -10,7 +10,6 @@ full float32 delta per adapter for the tensor being merged.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -132,7 +131,7 @@ def merge(
     ]
     merger = TensorMerger(base_ckpt, sources, weights, method, density, seed, torch_device)
 
-    with ThreadPoolExecutor(max_workers=1) as pool, _torch_threads(1):  # fingerprints hash meanwhile
+    with ThreadPoolExecutor(max_workers=1) as pool:  # fingerprints hash while the merge is written
         fingerprints = pool.submit(_fingerprints, base_ckpt, sources)
         with atomic_dir(out, force=force) as tmp:
             report = write_checkpoint(tmp, plan_shards(specs, max_shard), merger, hash_algos=("sha256",),
@@ -238,20 +237,6 @@ class TensorMerger:
             raise WorkbenchError(
                 f"merging gave NaN or inf in {spec.name!r} (an adapter holds NaN/inf, or the sum overflows {spec.dtype})")
         return result.cpu()
-
-
-@contextlib.contextmanager
-def _torch_threads(count: int) -> Iterator[None]:
-    """Run torch's CPU ops on `count` threads, then restore. The merge works on blocks of a few
-    MiB, memory-bound: on a busy machine intra-op threads wait on each other at every op (measured
-    7x slower with 2 threads than 1 on a loaded 2-core box), and the spare cores are better spent
-    hashing the output and the inputs, which run on their own threads meanwhile."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def _rows(tensor: torch.Tensor, start: int, stop: int) -> torch.Tensor:

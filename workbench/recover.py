@@ -53,7 +53,6 @@ from workbench.weight_diff import (
     fixup_names,
     is_rotary_buffer,
     mean_row,
-    one_compute_thread,
     read_meta,
     resized_rows,
     row_ranges,
@@ -163,7 +162,7 @@ def recover(
         plan = _plan_other_diff(raw, delta, out_dtype, shard_size, base)
     job = _RecoverPass(raw, delta, plan, torch_device, base, out)
     with atomic_dir(out, force) as tmp:
-        with TensorDigests() as job.digests, one_compute_thread():
+        with TensorDigests() as job.digests:
             report = write_checkpoint(tmp, plan.shards, job.produce, index=plan.index, description="recover")
         job.raise_mismatch()
         copy_side_files(diff_dir, tmp)

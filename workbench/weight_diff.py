@@ -10,12 +10,10 @@ threads, the CPU's vector width or the device (CPU or CUDA).
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
 import json
 import queue
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -111,20 +109,6 @@ def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
     if all(d.is_floating_point for d in dtypes):
         return torch.float32
     return dtypes[-1]
-
-
-@contextlib.contextmanager
-def one_compute_thread() -> Iterator[None]:
-    """Run torch's CPU ops on the calling thread only, for the length of a pass. The per-block
-    adds, conversions and sums are small and memory-bound, while the writer's and the digest
-    threads hash on the other cores; OpenMP workers spinning beside them cost two to three times
-    the CPU they save (measured on 2 cores: 8.9 s user with one thread, 28.7 s with two)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def row_ranges(shape: tuple[int, ...]) -> list[tuple[int, int]]:
