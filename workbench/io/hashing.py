@@ -88,3 +88,8 @@ class StreamHasher:
         while (data := self._queue.get()) is not None:
             for hasher in self.hashers.values():
                 hasher.update(data)
+
+
+def sha256_file(path: Path) -> str:
+    """The sha256 of one file (inputs' fingerprints in provenance records)."""
+    return hash_file(path, ("sha256",))["sha256"]

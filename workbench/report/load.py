@@ -6,7 +6,6 @@ report is never rendered from half-understood input.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -14,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from workbench.errors import WorkbenchError
+from workbench.io.hashing import sha256_file
 
 RESULTS_VERSION = 1
 REQUIRED_KEYS = ("wb_results_version", "name", "results", "provenance")
@@ -110,14 +110,6 @@ def read_jsonl(path: Path, what: str) -> list[dict[str, Any]]:
     except (OSError, UnicodeDecodeError) as exc:
         raise WorkbenchError(f"cannot read {what}: {exc}", path) from None
     return rows
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def is_number(value: Any) -> bool:
