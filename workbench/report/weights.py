@@ -17,6 +17,7 @@ import torch
 from workbench.checksum import checksum
 from workbench.errors import WorkbenchError
 from workbench.io.reader import Checkpoint, open_checkpoint
+from workbench.io.weightsum import float64_sum
 from workbench.progress import progress_bar
 from workbench.report.load import load_side_record
 
@@ -27,7 +28,8 @@ _PARAM_SUFFIXES = (".weight", ".bias")
 
 @dataclass
 class ModelWeights:
-    """A checkpoint's identity: where it is, the sha256 of each weight file, its float64 weight-sum."""
+    """A checkpoint's identity: where it is, the sha256 of each weight file, its float64 weight-sum
+    (filled in by the first comparison's pass over its tensors)."""
 
     name: str
     path: Path
@@ -109,11 +111,12 @@ def tensor_norms(base: torch.Tensor, tuned: torch.Tensor) -> Norms:
 
 
 def fingerprint(name: str, path: Path) -> ModelWeights:
-    """sha256 of every weight file and the weight-sum, exactly as `wb checksum --weight-sum` reports them."""
-    result = checksum(path, algo="sha256", weight_sum=True)
+    """sha256 of every weight file, as `wb checksum --algo sha256` reports them. The weight-sum is
+    not taken here: `compare_weights` takes it in its own pass over the tensors."""
+    result = checksum(path, algo="sha256")
     with open_checkpoint(path) as ckpt:
         fmt, tensors = ckpt.format, len(ckpt)
-    return ModelWeights(name, path, result.files, result.weight_sum, fmt, tensors, load_side_record(path))
+    return ModelWeights(name, path, result.files, None, fmt, tensors, load_side_record(path))
 
 
 def compare_weights(base: ModelWeights, tuned: ModelWeights) -> WeightComparison:
@@ -127,11 +130,27 @@ def compare_weights(base: ModelWeights, tuned: ModelWeights) -> WeightComparison
             )
         comparison.only_base = [n for n in base_ckpt.names() if n not in tuned_ckpt]
         comparison.only_tuned = [n for n in tuned_ckpt.names() if n not in base_ckpt]
-        _accumulate(comparison, base_ckpt, tuned_ckpt, common)
+        sums: tuple[dict[str, float], dict[str, float]] = ({}, {})
+        _accumulate(comparison, base_ckpt, tuned_ckpt, common, sums)
+        for model, ckpt, tensor_sums in ((base, base_ckpt, sums[0]), (tuned, tuned_ckpt, sums[1])):
+            if model.weight_sum is None:
+                model.weight_sum = _weight_sum(ckpt, tensor_sums)
     return comparison
 
 
-def _accumulate(comparison: WeightComparison, base_ckpt: Checkpoint, tuned_ckpt: Checkpoint, names: list[str]) -> None:
+def _weight_sum(ckpt: Checkpoint, tensor_sums: dict[str, float]) -> float:
+    """The float64 weight-sum, added tensor by tensor in file order as `wb checksum --weight-sum`
+    adds it (so the two agree to the last bit); tensors the norm pass skipped are summed here."""
+    total = 0.0
+    for name in ckpt.names():
+        total += tensor_sums[name] if name in tensor_sums else float64_sum(ckpt.tensor(name))
+    return total
+
+
+def _accumulate(comparison: WeightComparison, base_ckpt: Checkpoint, tuned_ckpt: Checkpoint, names: list[str],
+                sums: tuple[dict[str, float], dict[str, float]]) -> None:
+    """One pass over the tensors both hold: squared norms per (layer, module), and each tensor's
+    float64 sum for the weight-sums while its pages are in hand."""
     total_bytes = sum(base_ckpt.infos[n].nbytes for n in names)
     with progress_bar(total_bytes, f"ΔW {comparison.tuned.name}") as bar:
         for name in names:
@@ -142,7 +161,9 @@ def _accumulate(comparison: WeightComparison, base_ckpt: Checkpoint, tuned_ckpt:
                 continue
             if not (base_info.dtype.is_floating_point and tuned_info.dtype.is_floating_point):
                 continue
-            norms = tensor_norms(base_ckpt.tensor(name), tuned_ckpt.tensor(name))
+            base_tensor, tuned_tensor = base_ckpt.tensor(name), tuned_ckpt.tensor(name)
+            sums[0][name], sums[1][name] = float64_sum(base_tensor), float64_sum(tuned_tensor)
+            norms = tensor_norms(base_tensor, tuned_tensor)
             comparison.total.add(norms)
             layer, module = layer_and_module(name)
             if layer is None:
