@@ -13,6 +13,7 @@ also adds its training run (loss curve, options, tokens/s) to the report.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -106,11 +107,13 @@ def compare(
                 "max_new_tokens": max_new_tokens, "dtype": dtype}
     eval_kwargs = {**settings, "device": device, "trust_remote_code": trust_remote_code}
     result = CompareResult(out / REPORT_NAME, [])
+    # The base shared by every candidate is hashed once per comparison, not once per candidate.
+    weight_hashes = functools.cache(lambda path: checksum(path, algo="sha256").files)
     for candidate in candidates(Path(base), [Path(t) for t in tuned], [Path(a) for a in adapters]):
         path = out / candidate.filename
         result.results.append(path)
         if path.exists() and not force:
-            reasons = reuse_mismatches(load_results(path), candidate, settings)
+            reasons = reuse_mismatches(load_results(path), candidate, settings, weight_hashes)
             if not reasons:
                 log(f"re-using {path} ({candidate.name}: same weights and settings)")
                 result.reused.append(candidate.name)
@@ -140,19 +143,28 @@ def _run_evaluate(candidate: Candidate, path: Path, kwargs: dict[str, Any], forc
 
 
 # -- re-use ------------------------------------------------------------------------------------------------
-def reuse_mismatches(existing: ModelResults, candidate: Candidate, settings: dict[str, Any]) -> list[str]:
-    """What differs between an existing results file and the evaluation asked for; empty: re-use it."""
+def reuse_mismatches(existing: ModelResults, candidate: Candidate, settings: dict[str, Any],
+                     weight_hashes: Callable[[Path], dict[str, str]]) -> list[str]:
+    """What differs between an existing results file and the evaluation asked for; empty: re-use it.
+    `weight_hashes(path)` gives the sha256 of a model's weight files, as `wb eval` records them."""
     provenance, recorded = existing.provenance, existing.settings
     reasons = []
-    if provenance.get("model_files") != checksum(candidate.model, algo="sha256").files:
+    if provenance.get("model_files") != weight_hashes(candidate.model):
         reasons.append("model weights")
-    wanted_adapter = checksum(candidate.adapter, algo="sha256").files if candidate.adapter else {}
+    wanted_adapter = weight_hashes(candidate.adapter) if candidate.adapter else {}
     if (provenance.get("adapter_files") or {}) != wanted_adapter:
         reasons.append("adapter weights")
     reasons += [key for key, same in _setting_checks(existing, recorded, settings) if not same]
     reasons += [f"{name} ({old}; installed: {now})" for name, old, now in _version_changes(provenance.get("versions"))
                 if old != now]
     return reasons
+
+
+@functools.cache
+def weight_hashes(path: Path) -> dict[str, str]:
+    """sha256 of a model's weight files, as `wb eval` records them; the base shared by every
+    candidate of a comparison is hashed once, not once per candidate."""
+    return checksum(path, algo="sha256").files
 
 
 def _version_changes(recorded: Any) -> list[tuple[str, Any, str | None]]:
