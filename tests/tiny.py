@@ -150,3 +150,27 @@ def perturbed(state: dict[str, torch.Tensor], scale: float = 0.01, seed: int = 1
         noise = torch.randn(tensor.shape, generator=generator) * scale * max(1e-3, float(tensor.float().std()) if tensor.numel() > 1 else 1.0)
         out[name] = (tensor.float() + noise).to(tensor.dtype)
     return out
+
+
+def as_hub_cache(folder: Path, cache_dir: Path, repo_id: str = "wb-test/tiny-llama",
+                 revision: str = "0123456789abcdef0123456789abcdef01234567") -> Path:
+    """Lay `folder` out as huggingface_hub's cache does and return the snapshot folder:
+    `models--org--name/blobs/<sha256>` holds the bytes, `snapshots/<rev>/<file>` are relative
+    symlinks into `../../blobs/`, and `refs/main` names the revision."""
+    import hashlib
+    import os
+
+    repo = cache_dir / ("models--" + repo_id.replace("/", "--"))
+    snapshot = repo / "snapshots" / revision
+    (repo / "blobs").mkdir(parents=True, exist_ok=True)
+    for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+        relative = file.relative_to(folder)
+        blob = repo / "blobs" / hashlib.sha256(file.read_bytes()).hexdigest()
+        if not blob.exists():
+            blob.write_bytes(file.read_bytes())
+        link = snapshot / relative
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text(revision)
+    return snapshot

@@ -33,14 +33,14 @@ def checksum(
     if algo not in ALGOS:
         raise WorkbenchError(f"unknown hash {algo!r}; use md5 or sha256")
     path = Path(path)
-    root = path if path.is_dir() else path.parent
     if all_files:
         if not path.is_dir():
             raise WorkbenchError("--all-files needs a folder", path)
         files = sorted(p for p in path.rglob("*") if p.is_file() and not _hidden(p.relative_to(path)))
+        names = [f.relative_to(path).as_posix() for f in files]
     else:
-        files = find_weight_files(path).files
-    names = [f.relative_to(root).as_posix() for f in files]
+        found = find_weight_files(path)
+        files, names = found.files, found.names
     total = sum(f.stat().st_size for f in files)
     with progress_bar(total, f"{algo} {path.name}") as bar:
         digests = hash_files(files, algo, jobs or os.cpu_count() or 1, on_bytes=bar.update)

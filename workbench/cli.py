@@ -6,7 +6,9 @@ never import transformers, peft or lm-eval.
 
 from __future__ import annotations
 
+import errno
 import json
+import math
 from pathlib import Path
 
 import click
@@ -18,6 +20,30 @@ DTYPES = ["auto", "fp32", "float32", "bf16", "bfloat16", "fp16", "float16"]
 
 existing_path = click.Path(exists=True, path_type=Path)
 new_path = click.Path(path_type=Path)
+
+
+class FiniteFloat(click.ParamType):
+    """A float that is a real number (nan would make every tolerance check pass), optionally >= 0."""
+
+    name = "float"
+
+    def __init__(self, min_value: float | None = None):
+        self.min_value = min_value
+
+    def convert(self, value, param, ctx):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        if self.min_value is not None and number < self.min_value:
+            self.fail(f"{value!r} is below {self.min_value:g}", param, ctx)
+        return number
+
+
+finite_float = FiniteFloat()
+tolerance = FiniteFloat(min_value=0.0)
 
 
 def force_option(func):
@@ -44,6 +70,8 @@ class WorkbenchGroup(click.Group):
             return self._fail(ctx, exc)
         except WorkbenchError as exc:
             return self._fail(ctx, exc)
+        except OSError as exc:  # the disk or the OS refused: still one line, naming the file
+            return self._fail(ctx, WorkbenchError(_os_error_text(exc), exc.filename))
 
     @staticmethod
     def _fail(ctx: click.Context, exc: WorkbenchError):
@@ -51,6 +79,12 @@ class WorkbenchGroup(click.Group):
             raise exc
         click.echo(f"error: {exc.line()}", err=True)
         ctx.exit(1)
+
+
+def _os_error_text(exc: OSError) -> str:
+    if exc.errno == errno.ENOSPC:
+        return "no space left on the device"
+    return (exc.strerror or str(exc)).lower() if exc.errno else str(exc)
 
 
 @click.group(cls=WorkbenchGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -95,8 +129,8 @@ def checksum(path, algo, all_files, weight_sum, output, jobs, force, as_json):
 @wb.command()
 @click.argument("path", type=existing_path)
 @click.option("--checksums", type=existing_path, help="An md5sum/sha256sum list to check against.")
-@click.option("--weight-sum", "expected_sum", type=float, help="The published weight-sum to compare with.")
-@click.option("--atol", type=float, default=1e-2, show_default=True, help="Tolerance of the weight-sum check.")
+@click.option("--weight-sum", "expected_sum", type=finite_float, help="The published weight-sum to compare with.")
+@click.option("--atol", type=tolerance, default=1e-2, show_default=True, help="Tolerance of the weight-sum check.")
 @click.option("--jobs", type=click.IntRange(min=1), help="Files hashed at once (default: CPU cores).")
 @json_option
 def verify(path, checksums, expected_sum, atol, jobs, as_json):
@@ -253,8 +287,8 @@ def diff_command(base, tuned, out, dtype, shard_size, force, as_json):
 @click.option("--dtype", type=click.Choice(DTYPES), default="auto", show_default=True,
               help="Dtype of OUT's floating tensors (auto: TUNED's for a wb diff, else the diff's own; additions "
                    "are always done in float32, float64 if any side is).")
-@click.option("--expect-sum", type=float, help="Published weight-sum to check, e.g. 50637.1836 for Alpaca-7B.")
-@click.option("--atol", type=float, default=1e-2, show_default=True, help="Tolerance of the --expect-sum check.")
+@click.option("--expect-sum", type=finite_float, help="Published weight-sum to check, e.g. 50637.1836 for Alpaca-7B.")
+@click.option("--atol", type=tolerance, default=1e-2, show_default=True, help="Tolerance of the --expect-sum check.")
 @click.option("--checksums", type=existing_path, help="An md5sum/sha256sum list of OUT's files to check before OUT appears.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
               help="Where the additions run (block by block; the result is identical on either).")

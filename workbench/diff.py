@@ -265,7 +265,7 @@ def _meta(raw: Checkpoint, tuned: Checkpoint, job: _DiffPass, diff_dtype: torch.
         },
         "diff_files": diff_files,
         "base": {
-            "name": raw.root.name,  # the folder name only: a published file should not carry local paths
+            "name": raw.root.resolve().name,  # the folder name only: a published file should not carry local paths
             "format": raw.format,
             "files": {raw.relative(f): {"size": f.stat().st_size, "md5": md5} for f, md5 in zip(raw.files, raw_md5)},
             "weight_sum": job.base_sum,
@@ -276,7 +276,7 @@ def _meta(raw: Checkpoint, tuned: Checkpoint, job: _DiffPass, diff_dtype: torch.
             },
         },
         "tuned": {
-            "name": tuned.root.name,
+            "name": tuned.root.resolve().name,
             "format": tuned.format,
             "weight_sum": job.tuned_sum,
             "tensors": {

@@ -204,9 +204,40 @@ def refuse_unmergeable(config: dict, path: Path) -> None:
         raise WorkbenchError(
             f"adapter was initialised with init_lora_weights={config['init_lora_weights']!r}, which rewrites the "
             "base weights; convert it to plain LoRA first (peft: path_initial_model_for_weight_conversion)", path)
-    for key in ("rank_pattern", "alpha_pattern"):
-        if config.get(key) is not None and not isinstance(config[key], dict):
-            raise WorkbenchError(f"{key} must be an object mapping module patterns to numbers", path)
+    check_numbers(config, path)
+
+
+def check_numbers(config: dict, path: Path) -> None:
+    """r and rank_pattern values are whole numbers >= 1, alpha values finite numbers, pattern keys
+    valid regular expressions: torch would take alpha=NaN as 1 and merge silently wrong."""
+    config_file = path / ADAPTER_CONFIG
+    _check_rank(config.get("r", 8), "r", config_file)
+    _check_alpha(config.get("lora_alpha", 8), "lora_alpha", config_file)
+    for key, check in (("rank_pattern", _check_rank), ("alpha_pattern", _check_alpha)):
+        patterns = config.get(key)
+        if patterns is None:
+            continue
+        if not isinstance(patterns, dict):
+            raise WorkbenchError(f"{key} must be an object mapping module patterns to numbers", config_file)
+        for pattern, value in patterns.items():
+            try:
+                re.compile(rf"(.*\.)?({pattern})$")
+            except re.error as exc:
+                raise WorkbenchError(f"{key} has an invalid regular expression {pattern!r}: {exc}", config_file) from None
+            check(value, f"{key}[{pattern!r}]", config_file)
+    for key in ("use_rslora", "fan_in_fan_out"):
+        if not isinstance(config.get(key, False), bool):
+            raise WorkbenchError(f"{key} must be true or false, not {config[key]!r}", config_file)
+
+
+def _check_rank(value: object, where: str, config_file: Path) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise WorkbenchError(f"{where} must be a whole number >= 1, not {value!r}", config_file)
+
+
+def _check_alpha(value: object, where: str, config_file: Path) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise WorkbenchError(f"{where} must be a finite number, not {value!r}", config_file)
 
 
 def pattern_value(patterns: dict | None, module: str, default: float) -> float:

@@ -15,9 +15,10 @@ Every failed check raises before OUT is renamed into place, so a failure leaves 
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 import torch
 
@@ -213,6 +214,11 @@ def _plan_wb_diff(raw: Checkpoint, delta: Checkpoint, meta: dict, diff_dir: Path
         if list(delta.infos[name].shape) != entry["shape"]:
             raise WorkbenchError(f"DIFF does not match its {META_FILE}: tensor {name!r} has shape "
                                  f"{list(delta.infos[name].shape)}, recorded {entry['shape']}", diff_dir)
+        tuned_dtype = dtype_from_name(entry["dtype"])
+        stored = dtype_from_name(meta["dtype"]) if tuned_dtype.is_floating_point else tuned_dtype
+        if delta.infos[name].dtype != stored:
+            raise WorkbenchError(f"DIFF does not match its {META_FILE}: tensor {name!r} is stored as "
+                                 f"{dtype_name(delta.infos[name].dtype)}, expected {dtype_name(stored)}", diff_dir)
     jobs: dict[str, _Job] = {}
     for name, entry in recorded_tuned.items():
         tuned_dtype = dtype_from_name(entry["dtype"])
@@ -233,11 +239,13 @@ def _plan_wb_diff(raw: Checkpoint, delta: Checkpoint, meta: dict, diff_dir: Path
     layout = meta["tuned"].get("layout")
     same_dtypes = all(j.out_dtype == j.exact_dtype for j in jobs.values())
     if layout is not None and same_dtypes:
-        plan.shards = plans_from_headers({name: decode_header(f["header"]) for name, f in layout["files"].items()})
-        in_layout = sorted(slot.name for shard in plan.shards for slot in shard.header.slots)
-        if in_layout != sorted(jobs):
-            raise WorkbenchError(f"{META_FILE} is inconsistent: its file layout does not hold the recorded tensors", diff_dir)
+        meta_file = diff_dir / META_FILE
+        plan.shards = plans_from_headers(
+            {name: decode_header(f["header"], meta_file) for name, f in layout["files"].items()}, meta_file)
+        _check_layout(plan.shards, jobs, meta_file)
         plan.index = layout["index"]["text"] if layout.get("index") else None
+        if plan.index is not None:
+            _check_index_text(plan.index, plan.shards, meta_file)
         plan.layout_files = layout["files"]
     else:
         if same_dtypes:  # a .bin TUNED: no file bytes to compare, so compare each tensor
@@ -247,6 +255,28 @@ def _plan_wb_diff(raw: Checkpoint, delta: Checkpoint, meta: dict, diff_dir: Path
     if meta["fixups"].get("count"):
         plan.fixups = _open_fixups(diff_dir, meta)
     return plan
+
+
+def _check_layout(shards: list[ShardPlan], jobs: dict[str, _Job], meta_file: Path) -> None:
+    """The recorded headers must lay out exactly the recorded tensors, with their shapes and dtypes."""
+    slots = {slot.name: slot for shard in shards for slot in shard.header.slots}
+    if sorted(slots) != sorted(jobs) or sum(len(s.header.slots) for s in shards) != len(slots):
+        raise WorkbenchError(f"{META_FILE} is inconsistent: its file layout does not hold the recorded tensors", meta_file)
+    for name, slot in slots.items():
+        if (slot.shape, slot.dtype) != (jobs[name].shape, jobs[name].exact_dtype):
+            raise WorkbenchError(f"{META_FILE} is inconsistent: its file layout gives {name!r} another shape or dtype",
+                                 meta_file)
+
+
+def _check_index_text(text: str, shards: list[ShardPlan], meta_file: Path) -> None:
+    """The recorded index must map each tensor to the file the layout puts it in."""
+    try:
+        weight_map = json.loads(text)["weight_map"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        weight_map = None
+    expected = {slot.name: shard.filename for shard in shards for slot in shard.header.slots}
+    if weight_map != expected:
+        raise WorkbenchError(f"{META_FILE} is inconsistent: its recorded index does not match its file layout", meta_file)
 
 
 def _open_fixups(diff_dir: Path, meta: dict) -> Checkpoint:
@@ -259,6 +289,24 @@ def _open_fixups(diff_dir: Path, meta: dict) -> Checkpoint:
             if part not in fixups:
                 raise WorkbenchError(f"{FIXUPS_FILE} lacks {part!r}", path)
     return fixups
+
+
+def _checked_fixups(fixups: Checkpoint, name: str, job: _Job) -> tuple[torch.Tensor, torch.Tensor]:
+    """One tensor's fixups, refused unless they are sorted flat indices inside it with XORs of its width."""
+    index_name, xor_name = fixup_names(name)
+    index, xor = fixups.tensor(index_name), fixups.tensor(xor_name)
+    numel = math.prod(job.shape)
+    width = job.exact_dtype.itemsize
+    ok = (
+        index.dtype == torch.int64 and index.dim() == 1 and xor.dim() == 1 and index.numel() == xor.numel()
+        and not xor.is_floating_point() and xor.dtype != torch.bool and xor.element_size() == width
+    )
+    if ok and index.numel():
+        ok = int(index[0]) >= 0 and int(index[-1]) < numel and bool((index[1:] > index[:-1]).all())
+    if not ok:
+        raise WorkbenchError(f"fixups of {name!r} are malformed (indices must be sorted, inside the tensor)",
+                             fixups.files[0])
+    return index, xor
 
 
 def _plan_other_diff(raw: Checkpoint, delta: Checkpoint, out_dtype: torch.dtype | None, shard_size: int,
@@ -274,6 +322,9 @@ def _plan_other_diff(raw: Checkpoint, delta: Checkpoint, out_dtype: torch.dtype 
         if name in skipped:
             continue
         raw_info = raw.infos[name]
+        if raw_info.dtype.is_floating_point != info.dtype.is_floating_point:
+            raise WorkbenchError(f"tensor {name!r} is {dtype_name(info.dtype)} in DIFF but {dtype_name(raw_info.dtype)} "
+                                 "in RAW; a weight diff adds like to like", delta.root)
         old = resized_rows(name, raw_info.shape, info.shape, "RAW", "DIFF", base_path)
         dtype = out_dtype if (out_dtype is not None and info.dtype.is_floating_point) else info.dtype
         jobs[name] = _Job(name=name, shape=info.shape, exact_dtype=dtype, out_dtype=dtype, old_rows=old)
@@ -306,6 +357,8 @@ class _RecoverPass:
             result = self._add(base_rows(base, start, stop, job.old_rows, mean), rows_of(diff, start, stop), job.exact_dtype)
             if index is not None:
                 self.fixups_applied += apply_fixups(result, index, xor, start * row)
+            if result.is_floating_point():
+                self._check_finite(job.name, result, base)
             if job.base_sha256 is not None:
                 raw_part = rows_of(base, start, stop if job.old_rows is None else min(stop, job.old_rows))
                 self.digests.update("base/" + job.name, raw_part.to(job.base_dtype))
@@ -317,16 +370,25 @@ class _RecoverPass:
         if job.tuned_sha256 is not None:
             self.digests.finish("tuned/" + job.name, job.tuned_sha256)
 
+    def _check_finite(self, name: str, result: torch.Tensor, base: torch.Tensor) -> None:
+        """NaN or inf where RAW has none means a damaged or crafted diff: refuse, as merge does.
+        (A float32 sum is finite exactly when every entry is, short of sums near 3e38.)"""
+        if math.isfinite(float(result.sum(dtype=torch.float32))):
+            return
+        if bool(torch.isfinite(result).all()) or not bool(torch.isfinite(base).all()):
+            return
+        raise WorkbenchError(f"recovered tensor {name!r} has NaN or infinite values where RAW has none; "
+                             "the diff is damaged", self.delta.root)
+
     def _add(self, base: torch.Tensor, diff: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         if self.device.type == "cpu":
             return add(base, diff, dtype)
         return add(base.to(self.device), diff.to(self.device), dtype).cpu()
 
     def _fixups(self, name: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        index_name, xor_name = fixup_names(name)
-        if self.plan.fixups is None or index_name not in self.plan.fixups:
+        if self.plan.fixups is None or fixup_names(name)[0] not in self.plan.fixups:
             return None, None
-        return self.plan.fixups.tensor(index_name), self.plan.fixups.tensor(xor_name)
+        return _checked_fixups(self.plan.fixups, name, self.plan.jobs[name])
 
     def raise_mismatch(self) -> None:
         """Turn the first sha256 mismatch the digest thread found into the error it means."""
@@ -361,18 +423,17 @@ def _check_list(checksum_list: tuple[str, dict[str, str]], report: WriteReport, 
     """Compare OUT's files (weight files from the writer's hashes, others hashed here) with a list."""
     algo, expected = checksum_list
     states: dict[str, str] = {}
-    for listed, digest in expected.items():
-        name = str(PurePosixPath(listed))
-        path = (folder / name).resolve()
+    for name, digest in expected.items():  # names were checked to stay inside the folder by the parser
+        path = folder / name
         if name in report.files:
             found = str(report.files[name][algo])
-        elif path.is_relative_to(folder.resolve()) and path.is_file():
+        elif path.is_file():
             found = hash_file(path, (algo,))[algo]
         else:
-            states[listed] = "missing"
-            failures.append(f"{listed}: missing from OUT")
+            states[name] = "missing"
+            failures.append(f"{name}: missing from OUT")
             continue
-        states[listed] = "ok" if found == digest else "mismatch"
+        states[name] = "ok" if found == digest else "mismatch"
         if found != digest:
-            failures.append(f"{listed}: {algo} mismatch (expected {digest}, found {found})")
+            failures.append(f"{name}: {algo} mismatch (expected {digest}, found {found})")
     return {"algo": algo, "files": states}

@@ -70,7 +70,7 @@ def verify(
 def _check_list(root: Path, list_file: Path, result: VerifyResult, jobs: int | None) -> None:
     algo, expected = parse_checksum_file(list_file)
     result.checksum_algo = algo
-    present = {name: root / name for name in expected if (root / name).is_file()}
+    present = {name: root / name for name in expected if (root / name).is_file()}  # names checked by the parser
     total = sum(p.stat().st_size for p in present.values())
     with progress_bar(total, f"{algo} check") as bar:
         digests = dict(zip(present, hash_files(list(present.values()), algo, jobs or os.cpu_count() or 1, bar.update)))

@@ -10,9 +10,11 @@ threads, the CPU's vector width or the device (CPU or CUDA).
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import json
 import queue
+import re
 import threading
 from pathlib import Path
 
@@ -20,6 +22,7 @@ import torch
 
 from workbench.dtypes import TORCH_TO_SAFETENSORS
 from workbench.errors import WorkbenchError
+from workbench.io.paths import check_member_name
 
 FORMAT_VERSION = 1
 META_FILE = "weight_diff.json"
@@ -61,10 +64,10 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def dtype_from_name(name: str) -> torch.dtype:
-    dtype = getattr(torch, name, None)
+def dtype_from_name(name: str, source: Path | None = None) -> torch.dtype:
+    dtype = getattr(torch, name, None) if isinstance(name, str) else None
     if not isinstance(dtype, torch.dtype) or dtype not in TORCH_TO_SAFETENSORS:
-        raise WorkbenchError(f"{META_FILE} names an unknown dtype {name!r}")
+        raise WorkbenchError(f"{META_FILE} names an unknown dtype {name!r}", source)
     return dtype
 
 
@@ -260,8 +263,11 @@ def encode_header(raw: bytes) -> str:
     return base64.b64encode(raw).decode("ascii")
 
 
-def decode_header(text: str) -> bytes:
-    return base64.b64decode(text.encode("ascii"), validate=True)
+def decode_header(text: str, source: Path) -> bytes:
+    try:
+        return base64.b64decode(text.encode("ascii"), validate=True)
+    except (UnicodeEncodeError, binascii.Error, ValueError):
+        raise WorkbenchError(f"{META_FILE} does not parse: a recorded header is not base64", source) from None
 
 
 def write_meta(folder: Path, meta: dict) -> None:
@@ -269,13 +275,17 @@ def write_meta(folder: Path, meta: dict) -> None:
 
 
 def read_meta(diff_dir: Path) -> dict | None:
-    """The parsed weight_diff.json of a diff folder, or None for a diff made by another tool."""
+    """The parsed and validated weight_diff.json of a diff folder, or None for another tool's diff.
+
+    A diff is downloaded from strangers: every value recover uses is checked here (types, ranges,
+    names inside the folder) so that the rest of recover can trust it.
+    """
     path = diff_dir / META_FILE
     if not path.is_file():
         return None
     try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        meta = json.loads(path.read_text(encoding="utf-8"), parse_constant=_refuse_constant)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, ValueError) as exc:
         raise WorkbenchError(f"{META_FILE} does not parse: {exc}", path) from None
     missing = [key for key in _META_KEYS if not isinstance(meta, dict) or key not in meta]
     if missing:
@@ -284,10 +294,111 @@ def read_meta(diff_dir: Path) -> dict | None:
         raise WorkbenchError(
             f"{META_FILE} has version {meta['wb_weight_diff_version']!r}; this wb reads version {FORMAT_VERSION}", path
         )
-    for side in ("base", "tuned"):
-        tensors = meta[side].get("tensors") if isinstance(meta[side], dict) else None
-        if not isinstance(tensors, dict) or not all(
-            isinstance(entry, dict) and {"shape", "dtype", "sha256"} <= entry.keys() for entry in tensors.values()
-        ):
-            raise WorkbenchError(f"{META_FILE} does not parse: {side}.tensors is malformed", path)
+    _MetaCheck(path).check(meta)
     return meta
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+class _MetaCheck:
+    """Type and range checks of weight_diff.json, each failure one error naming the key."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def fail(self, where: str, what: str) -> WorkbenchError:
+        return WorkbenchError(f"{META_FILE} does not parse: {where} {what}", self.path)
+
+    def obj(self, value: object, where: str) -> dict:
+        if not isinstance(value, dict):
+            raise self.fail(where, "is not an object")
+        return value
+
+    def count(self, value: object, where: str, minimum: int = 0) -> int:
+        if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+            raise self.fail(where, f"is not a whole number >= {minimum}")
+        return value
+
+    def hexdigest(self, value: object, where: str, length: int) -> None:
+        if not isinstance(value, str) or not re.fullmatch(f"[0-9a-f]{{{length}}}", value):
+            raise self.fail(where, f"is not a {length}-digit hex digest")
+
+    def dtype(self, value: object, where: str) -> None:
+        if not isinstance(value, str):
+            raise self.fail(where, "is not a dtype name")
+        dtype_from_name(value, self.path)
+
+    def check(self, meta: dict) -> None:
+        self.dtype(meta["dtype"], "dtype")
+        base = self.tensors(self.obj(meta["base"], "base"), "base")
+        tuned_side = self.obj(meta["tuned"], "tuned")
+        tuned = self.tensors(tuned_side, "tuned")
+        if set(base) != set(tuned):
+            raise self.fail("base.tensors and tuned.tensors", "name different tensors")
+        for key in ("weight_sum",):
+            if tuned_side.get(key) is not None and not isinstance(tuned_side[key], (int, float)):
+                raise self.fail(f"tuned.{key}", "is not a number")
+        for name, entry in self.obj(meta["resized"], "resized").items():
+            self.resize(name, self.obj(entry, f"resized[{name!r}]"), base, tuned)
+        for name in tuned:
+            if name not in meta["resized"] and base[name]["shape"] != tuned[name]["shape"]:
+                raise self.fail(f"tensor {name!r}", "has different base and tuned shapes but no resize entry")
+        fixups = self.obj(meta["fixups"], "fixups")
+        self.count(fixups.get("count", 0), "fixups.count")
+        for name, count in self.obj(fixups.get("tensors", {}), "fixups.tensors").items():
+            if name not in tuned:
+                raise self.fail(f"fixups.tensors[{name!r}]", "is not a recorded tensor")
+            self.count(count, f"fixups.tensors[{name!r}]")
+        if tuned_side.get("layout") is not None:
+            self.layout(self.obj(tuned_side["layout"], "tuned.layout"))
+
+    def tensors(self, side: dict, label: str) -> dict:
+        tensors = self.obj(side.get("tensors"), f"{label}.tensors")
+        for name, entry in tensors.items():
+            where = f"{label}.tensors[{name!r}]"
+            entry = self.obj(entry, where)
+            shape = entry.get("shape")
+            if not isinstance(shape, list):
+                raise self.fail(f"{where}.shape", "is not a list")
+            for dim in shape:
+                self.count(dim, f"{where}.shape")
+            self.dtype(entry.get("dtype"), f"{where}.dtype")
+            self.hexdigest(entry.get("sha256"), f"{where}.sha256", 64)
+            if entry.get("sum") is not None and not isinstance(entry["sum"], (int, float)):
+                raise self.fail(f"{where}.sum", "is not a number")
+        return tensors
+
+    def resize(self, name: str, entry: dict, base: dict, tuned: dict) -> None:
+        where = f"resized[{name!r}]"
+        if name not in tuned:
+            raise self.fail(where, "is not a recorded tensor")
+        old = self.count(entry.get("old_rows"), f"{where}.old_rows", minimum=1)
+        new = self.count(entry.get("new_rows"), f"{where}.new_rows", minimum=1)
+        self.dtype(entry.get("mean_dtype"), f"{where}.mean_dtype")
+        base_shape, tuned_shape = base[name]["shape"], tuned[name]["shape"]
+        if not (base_shape and tuned_shape and base_shape[0] == old < new == tuned_shape[0]
+                and base_shape[1:] == tuned_shape[1:]):
+            raise self.fail(where, f"does not fit the recorded shapes {base_shape} and {tuned_shape}")
+
+    def layout(self, layout: dict) -> None:
+        files = self.obj(layout.get("files"), "tuned.layout.files")
+        if not files:
+            raise self.fail("tuned.layout.files", "is empty")
+        for name, entry in files.items():
+            check_member_name(name, f"{META_FILE} names an output file", self.path)
+            where = f"tuned.layout.files[{name!r}]"
+            entry = self.obj(entry, where)
+            if not name.endswith(".safetensors"):
+                raise self.fail(where, "is not a .safetensors file name")
+            if not isinstance(entry.get("header"), str):
+                raise self.fail(f"{where}.header", "is not a string")
+            self.count(entry.get("size"), f"{where}.size")
+            self.hexdigest(entry.get("md5"), f"{where}.md5", 32)
+            self.hexdigest(entry.get("sha256"), f"{where}.sha256", 64)
+        index = layout.get("index")
+        if index is not None:
+            index = self.obj(index, "tuned.layout.index")
+            if index.get("name") != "model.safetensors.index.json" or not isinstance(index.get("text"), str):
+                raise self.fail("tuned.layout.index", "is not model.safetensors.index.json with its text")

@@ -11,6 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from workbench.errors import WorkbenchError
+from workbench.io.paths import check_member_name
 
 ALGOS = ("md5", "sha256")
 HEX_LENGTH = {32: "md5", 64: "sha256"}
@@ -59,7 +60,7 @@ def parse_checksum_file(path: Path) -> tuple[str, dict[str, str]]:
             raise WorkbenchError(f"line {number} is not '<hex>  <file>'", path)
         digest, name = match.groups()
         algos.add(HEX_LENGTH[len(digest)])
-        entries[name.strip()] = digest.lower()
+        entries[check_member_name(name.strip(), f"line {number} names a file", path)] = digest.lower()
     if not entries:
         raise WorkbenchError("checksum list is empty", path)
     if len(algos) > 1:

@@ -1,6 +1,8 @@
 """Which files of a model folder hold its weights: torch-free, so `wb checksum` starts instantly.
 
-Index files are validated here (shards inside the folder, present), whatever reads them next.
+Index files are validated here (shard names stay inside the folder, shards are present), whatever
+reads them next. Paths are kept as the user gave them (relative stays relative, symlinks are not
+resolved), so names print as the user typed them and a hub-cache snapshot of symlinks works.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from workbench.errors import WorkbenchError
+from workbench.io.paths import safe_join
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
@@ -24,6 +27,11 @@ class WeightFiles:
     files: list[Path]
     index_file: Path | None
     weight_map: dict[str, str] | None  # tensor name -> shard name, from the index
+
+    @property
+    def names(self) -> list[str]:
+        """Each file's name relative to `root`, POSIX style (what checksum lists say)."""
+        return [file.relative_to(self.root).as_posix() for file in self.files]
 
 
 def find_weight_files(path: str | Path) -> WeightFiles:
@@ -50,19 +58,20 @@ def find_weight_files(path: str | Path) -> WeightFiles:
 
 
 def _from_index(index_file: Path) -> WeightFiles:
-    root = index_file.parent.resolve()
+    root = index_file.parent
     try:
         weight_map = json.loads(index_file.read_text(encoding="utf-8"))["weight_map"]
         if not isinstance(weight_map, dict):
             raise TypeError("weight_map is not an object")
-    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
         raise WorkbenchError(f"index does not parse: {exc}", index_file) from None
-    files: list[Path] = []
-    for shard in sorted(set(weight_map.values())):
-        candidate = (root / shard).resolve()
-        if Path(shard).is_absolute() or not candidate.is_relative_to(root):
-            raise WorkbenchError(f"index names a shard outside the model folder: {shard!r}", index_file)
+    if not weight_map:
+        raise WorkbenchError("index does not parse: weight_map is empty", index_file)
+    files: dict[str, Path] = {}
+    for shard in weight_map.values():
+        if shard not in files:
+            files[shard] = safe_join(root, shard, "index names a shard", index_file)
+    for shard, candidate in sorted(files.items()):
         if not candidate.is_file():
             raise WorkbenchError(f"index names a missing shard {shard!r}", index_file)
-        files.append(candidate)
-    return WeightFiles(root, files, index_file, weight_map)
+    return WeightFiles(root, [files[shard] for shard in sorted(files)], index_file, weight_map)

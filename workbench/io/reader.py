@@ -18,6 +18,7 @@ import torch
 from workbench.dtypes import element_size
 from workbench.errors import WorkbenchError
 from workbench.io.layout import find_weight_files
+from workbench.io.paths import safe_join
 from workbench.io.safetensors_format import Header, Slot, read_header
 
 
@@ -144,16 +145,15 @@ def load_bin(file: Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(file, map_location="cpu", mmap=True, weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unsupported object"
-        raise WorkbenchError(f"refusing to unpickle: weights_only=True rejected this file ({first})", file) from None
+        raise _refused_pickle(exc, file) from None
     except RuntimeError as exc:
         text = str(exc)
         if "mmap" in text and "zipfile" in text:  # the legacy (pre-1.6) format cannot be mapped
             state = _load_legacy_bin(file)
         else:
-            raise WorkbenchError(f"cannot read PyTorch checkpoint, truncated or damaged: {text.splitlines()[0]}", file) from None
-    except (EOFError, OSError, ValueError) as exc:
-        raise WorkbenchError(f"cannot read PyTorch checkpoint, truncated or damaged: {exc}", file) from None
+            raise _damaged(exc, file) from None
+    except Exception as exc:  # noqa: BLE001 - torch.load raises many types on a damaged file
+        raise _damaged(exc, file) from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -165,9 +165,29 @@ def _load_legacy_bin(file: Path) -> dict[str, torch.Tensor]:
     try:
         return torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        raise WorkbenchError(f"refusing to unpickle: weights_only=True rejected this file ({exc})", file) from None
+        raise _refused_pickle(exc, file) from None
     except Exception as exc:  # noqa: BLE001 - any failure here means a damaged file
-        raise WorkbenchError(f"cannot read PyTorch checkpoint, truncated or damaged: {exc}", file) from None
+        raise _damaged(exc, file) from None
+
+
+def _first_line(exc: BaseException, default: str) -> str:
+    """torch's messages run to several lines of advice; the first says what happened."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    # "Weights only load failed. <advice>\n\nTrying to load unsupported GLOBAL posix.system ...": keep the
+    # line naming the object; else the first sentence
+    detail = next((line for line in lines if line.startswith(("WeightsUnpickler error", "Unsupported", "Trying to"))),
+                  None)
+    return (detail or (lines[0] if lines else default)).split(". ")[0].rstrip(".")
+
+
+def _refused_pickle(exc: BaseException, file: Path) -> WorkbenchError:
+    reason = _first_line(exc, "unsupported object")
+    return WorkbenchError(f"refusing to unpickle: weights_only=True rejected this file ({reason})", file)
+
+
+def _damaged(exc: BaseException, file: Path) -> WorkbenchError:
+    return WorkbenchError(f"cannot read PyTorch checkpoint, truncated or damaged: {_first_line(exc, type(exc).__name__)}",
+                          file)
 
 
 def open_checkpoint(path: str | Path) -> Checkpoint:
@@ -183,7 +203,7 @@ def _check_index(checkpoint: Checkpoint, weight_map: dict[str, str]) -> None:
     for name, shard in weight_map.items():
         if name not in checkpoint.infos:
             raise WorkbenchError(f"index says {name!r} is in {shard!r} but it is not there", checkpoint.index_file)
-        if checkpoint.infos[name].file != (checkpoint.root / shard).resolve():
+        if checkpoint.infos[name].file != safe_join(checkpoint.root, shard, "index names a shard", checkpoint.index_file):
             raise WorkbenchError(f"index says {name!r} is in {shard!r} but it is in another shard", checkpoint.index_file)
     if len(checkpoint.infos) != len(weight_map):
         extra = sorted(set(checkpoint.infos) - set(weight_map))[:3]

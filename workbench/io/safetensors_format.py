@@ -70,28 +70,44 @@ def read_header(path: Path) -> Header:
         raise WorkbenchError(f"safetensors header does not parse: {exc}", path) from None
     if not isinstance(parsed, dict):
         raise WorkbenchError("safetensors header does not parse: not a JSON object", path)
-    metadata = parsed.pop("__metadata__", None)
+    metadata = _metadata(parsed.pop("__metadata__", None), path)
     data_start = 8 + header_len
     slots = sorted((_slot(name, entry, path) for name, entry in parsed.items()), key=lambda s: (s.begin, s.end))
     _check_ranges(slots, file_size - data_start, path)
     return Header(slots=slots, metadata=metadata, raw=raw, data_start=data_start)
 
 
+def _metadata(value: object, path: Path) -> dict[str, str] | None:
+    """`__metadata__` is a string-to-string map or absent, as the safetensors library requires."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not all(isinstance(v, str) for v in value.values()):
+        raise WorkbenchError("safetensors header does not parse: __metadata__ is not a map of strings", path)
+    return value
+
+
 def _slot(name: str, entry: object, path: Path) -> Slot:
-    try:
-        dtype = SAFETENSORS_DTYPES[entry["dtype"]]  # type: ignore[index]
-        shape = tuple(int(d) for d in entry["shape"])  # type: ignore[index]
-        begin, end = (int(o) for o in entry["data_offsets"])  # type: ignore[index]
-    except KeyError as exc:
-        raise WorkbenchError(f"safetensors header does not parse: tensor {name!r} lacks or has an unknown {exc}", path) from None
-    except (TypeError, ValueError):
-        raise WorkbenchError(f"safetensors header does not parse: tensor {name!r} is malformed", path) from None
+    if not isinstance(entry, dict):
+        raise WorkbenchError(f"safetensors header does not parse: tensor {name!r} is not an object", path)
+    dtype_name = entry.get("dtype")
+    if not isinstance(dtype_name, str) or dtype_name not in SAFETENSORS_DTYPES:
+        raise WorkbenchError(f"safetensors header does not parse: tensor {name!r} has an unknown dtype {dtype_name!r}", path)
+    shape, offsets = entry.get("shape"), entry.get("data_offsets")
+    if not _int_list(shape) or any(d < 0 for d in shape):
+        raise WorkbenchError(f"safetensors header does not parse: tensor {name!r} has a bad shape {shape!r}", path)
+    if not _int_list(offsets) or len(offsets) != 2 or not 0 <= offsets[0] <= offsets[1]:
+        raise WorkbenchError(f"safetensors header does not parse: tensor {name!r} has bad data_offsets {offsets!r}", path)
+    dtype, begin, end = SAFETENSORS_DTYPES[dtype_name], offsets[0], offsets[1]
     expected = math.prod(shape) * element_size(dtype)
-    if end - begin != expected or begin < 0:
+    if end - begin != expected:
         raise WorkbenchError(
-            f"tensor {name!r} has {end - begin} bytes but shape {list(shape)} of {entry['dtype']} needs {expected}", path
+            f"tensor {name!r} has {end - begin} bytes but shape {list(shape)} of {dtype_name} needs {expected}", path
         )
-    return Slot(name, dtype, shape, begin, end)
+    return Slot(name, dtype, tuple(shape), begin, end)
+
+
+def _int_list(value: object) -> bool:
+    return isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
 
 
 def _check_ranges(slots: list[Slot], data_size: int, path: Path) -> None:
@@ -126,8 +142,15 @@ def layout(specs: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict
 
 
 def header_from_raw(raw: bytes, path: Path) -> Header:
-    """Rebuild a header from the stored JSON bytes (used to reproduce a file byte for byte)."""
-    parsed = json.loads(raw)
-    metadata = parsed.pop("__metadata__", None)
-    slots = sorted((_slot(n, e, path) for n, e in parsed.items()), key=lambda s: s.begin)
+    """Rebuild a header from stored JSON bytes (to reproduce a file byte for byte); `path` is the
+    file that carried them, named in errors. The bytes are validated as a file's header would be."""
+    try:
+        parsed = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise WorkbenchError(f"recorded safetensors header does not parse: {exc}", path) from None
+    if not isinstance(parsed, dict):
+        raise WorkbenchError("recorded safetensors header does not parse: not a JSON object", path)
+    metadata = _metadata(parsed.pop("__metadata__", None), path)
+    slots = sorted((_slot(n, e, path) for n, e in parsed.items()), key=lambda s: (s.begin, s.end))
+    _check_ranges(slots, max((s.end for s in slots), default=0), path)
     return Header(slots=slots, metadata=metadata, raw=raw, data_start=8 + len(raw))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import re
 import shutil
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -73,18 +74,25 @@ class WriteReport:
 Producer = Callable[[TensorSpec], "torch.Tensor | Iterable[torch.Tensor]"]
 
 
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]I?B)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30,
+               "TIB": 2**40}
+
+
 def parse_size(text: str | int) -> int:
-    """"5GB" (10^9, as transformers), "500MiB" (2^20), or a number of bytes."""
-    if isinstance(text, int):
-        return text
-    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-    cleaned = text.strip().upper()
-    number = cleaned.rstrip("KMGIB")
-    unit = cleaned[len(number):]
-    try:
-        return int(float(number) * units[unit])
-    except (KeyError, ValueError):
-        raise WorkbenchError(f"cannot read size {text!r}; write e.g. 5GB, 500MB or 2GiB") from None
+    """A shard size in bytes: "5GB" (10^9, as transformers), "500MiB" (2^20), or a whole number of
+    bytes. "5B" is refused: mergekit users write it for 5 billion, and it would mean 5 bytes."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        size = text
+    else:
+        match = _SIZE.match(str(text))
+        if not match or (match[2] is None and "." in match[1]):
+            raise WorkbenchError(f"cannot read size {text!r}; write a byte size such as 5GB, 500MB or 2GiB")
+        number, unit = match.groups()
+        size = int(float(number) * _SIZE_UNITS[unit.upper()]) if unit else int(number)
+    if size < 1:
+        raise WorkbenchError(f"size {text!r} must be at least one byte; write e.g. 5GB")
+    return size
 
 
 def plan_shards(specs: list[TensorSpec], max_shard_size: int, metadata: dict[str, str] | None = None) -> list[ShardPlan]:
@@ -109,9 +117,9 @@ def plan_shards(specs: list[TensorSpec], max_shard_size: int, metadata: dict[str
     ]
 
 
-def plans_from_headers(headers: dict[str, bytes]) -> list[ShardPlan]:
-    """Reproduce existing files' exact layouts from their stored header bytes."""
-    return [ShardPlan(name, header_from_raw(raw, Path(name))) for name, raw in headers.items()]
+def plans_from_headers(headers: dict[str, bytes], source: Path) -> list[ShardPlan]:
+    """Reproduce existing files' exact layouts from their stored header bytes (read from `source`)."""
+    return [ShardPlan(name, header_from_raw(raw, source)) for name, raw in headers.items()]
 
 
 def index_text(plans: list[ShardPlan]) -> str:
