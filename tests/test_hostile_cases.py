@@ -250,3 +250,41 @@ def test_a_truncated_bin_is_one_error_line(tmp_path):
     (tmp_path / "pytorch_model.bin").write_bytes((tmp_path / "full.bin").read_bytes()[:200])
     (tmp_path / "full.bin").unlink()
     one_error(*run("verify", tmp_path), "truncated or damaged")
+
+
+# -- outputs never replace or sit inside an input ------------------------------------------------------
+def test_merge_out_equal_to_the_base_is_refused_even_with_force(tmp_path, tiny_model, adapter):
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model, base)
+    before = tree(base)
+    one_error(*run("merge", "--base", base, "--adapter", adapter, "--out", base, "--force"), "input")
+    one_error(*run("merge", "--base", base, "--adapter", adapter, "--out", base / "merged"), "input")
+    assert tree(base) == before
+
+
+def test_recover_out_inside_the_diff_is_refused(pair, tmp_path):
+    diff = tmp_path / "diff"
+    shutil.copytree(pair[2], diff)
+    before = tree(diff)
+    one_error(*run("recover", "--base", pair[0], "--diff", diff, "--out", diff / "out"), "input")
+    link = tmp_path / "link"
+    link.symlink_to(diff, target_is_directory=True)
+    one_error(*run("recover", "--base", pair[0], "--diff", diff, "--out", link, "--force"), "input")
+    assert tree(diff) == before
+
+
+def test_checksum_list_may_sit_in_the_folder_but_never_over_a_weight_file(tmp_path, tiny_model):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    assert run("checksum", model, "-o", model / "checksums.md5")[0] == 0
+    weights = (model / "model.safetensors").read_bytes()
+    one_error(*run("checksum", model, "-o", model / "model.safetensors", "--force"), "input")
+    assert (model / "model.safetensors").read_bytes() == weights
+
+
+def test_output_options_naming_a_folder_where_a_file_is_meant(tmp_path, tiny_model):
+    (tmp_path / "folder").mkdir()
+    one_error(*run("checksum", tiny_model, "-o", tmp_path / "folder"))
+    one_error(*run("checksum", tiny_model, "-o", tmp_path / "folder", "--force"))
+    assert (tmp_path / "folder").is_dir() and not any((tmp_path / "folder").iterdir())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["folder"]

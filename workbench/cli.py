@@ -113,7 +113,8 @@ def checksum(path, algo, all_files, weight_sum, output, jobs, force, as_json):
 
     result = run(path, algo=algo, all_files=all_files, weight_sum=weight_sum, jobs=jobs)
     if output is not None:
-        with atomic_file(output, force=force) as handle:
+        root = path if path.is_dir() else path.parent  # a list inside the folder is fine; over a hashed file is not
+        with atomic_file(output, force=force, inputs=[root / name for name in result.files]) as handle:
             handle.write(format_lines(result.files))
     if as_json:
         print_json(result.to_json())

@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from workbench.errors import WorkbenchError
-from workbench.outputs import atomic_file
+from workbench.outputs import atomic_file, check_not_input
 
 MARKER = ".wb-demo"  # marks a folder written by `wb demo`, the only kind --force may replace
 DEFAULT_OUT = Path("reports/demo")
@@ -284,6 +284,7 @@ def run_demo(
     started = time.perf_counter()
     torch_device = resolve_device(device).type
     check_base(base)
+    check_not_input(out, [base if base is not None and Path(base).exists() else None, *(spec.split('=', 1)[-1] for spec in data_dir)])
     prepare_out(out, force)
     runner = StepRunner(out / "logs", echo, child_env(offline=base is None or Path(base).is_dir()), total=11)
     echo(f"wb demo: writing into {out} (device: {torch_device})")

@@ -38,7 +38,7 @@ from workbench.io.writer import (
     plan_shards,
     write_checkpoint,
 )
-from workbench.outputs import atomic_dir, check_can_write
+from workbench.outputs import atomic_dir, check_can_write, check_not_input
 from workbench.weight_diff import (
     FIXUPS_FILE,
     FORMAT_VERSION,
@@ -107,6 +107,7 @@ def make_diff(
         raise WorkbenchError("wb diff needs an explicit --dtype (float32, float16 or bfloat16)")
     shard_size = parse_size(max_shard_size)
     check_can_write(out, force)
+    check_not_input(out, [base, tuned])
     raw, tun = open_checkpoint(base), open_checkpoint(tuned)
     check_same_names(tun.names(), raw.names(), "TUNED", "RAW", Path(base))
     resized = {}
@@ -118,7 +119,7 @@ def make_diff(
         TensorSpec(name, info.shape, diff_dtype if info.dtype.is_floating_point else info.dtype)
         for name, info in tun.infos.items()
     ]
-    with atomic_dir(out, force) as tmp:
+    with atomic_dir(out, force, inputs=[base, tuned]) as tmp:
         job = _DiffPass(raw, tun, resized, _FixupSpill(tmp), TensorDigests(), TensorDigests())
         with job.base_digests, job.tuned_digests:
             report = write_checkpoint(tmp, plan_shards(specs, shard_size), job.produce, description="diff")

@@ -37,7 +37,7 @@ from workbench.io.writer import (
 )
 from workbench.lora import LoraAdapter, is_lora_adapter, read_lora_adapter
 from workbench.merge_methods import METHODS, combine, tensor_seed
-from workbench.outputs import atomic_dir, check_can_write
+from workbench.outputs import atomic_dir, check_can_write, check_not_input
 
 # float32 bytes of one row block of the linear merge. Kept small so that the writer's per-block
 # temporaries stay under glibc's mmap threshold (reused heap, not fresh zero-filled pages each time).
@@ -120,6 +120,7 @@ def merge(
     torch_device = resolve_device(device)
     max_shard = parse_size(shard_size)
     check_can_write(out, force)
+    check_not_input(out, [base, *adapters])
 
     base_config = _read_model_config(base)
     base_ckpt = open_checkpoint(base)
@@ -133,7 +134,7 @@ def merge(
 
     with ThreadPoolExecutor(max_workers=1) as pool:  # fingerprints hash while the merge is written
         fingerprints = pool.submit(_fingerprints, base_ckpt, sources)
-        with atomic_dir(out, force=force) as tmp:
+        with atomic_dir(out, force=force, inputs=[base, *adapters]) as tmp:
             report = write_checkpoint(tmp, plan_shards(specs, max_shard), merger, hash_algos=("sha256",),
                                       description="merging")
             tokenizer_from = _write_side_files(base, sources, base_config, out_dtype, tmp)

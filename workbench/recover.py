@@ -38,7 +38,7 @@ from workbench.io.writer import (
     plans_from_headers,
     write_checkpoint,
 )
-from workbench.outputs import atomic_dir, check_can_write
+from workbench.outputs import atomic_dir, check_can_write, check_not_input
 from workbench.weight_diff import (
     FIXUPS_FILE,
     META_FILE,
@@ -153,6 +153,7 @@ def recover(
     torch_device = resolve_device(device)
     shard_size = parse_size(max_shard_size)
     check_can_write(out, force)
+    check_not_input(out, [base, diff, checksums])
     checksum_list = parse_checksum_file(Path(checksums)) if checksums is not None else None
     raw, delta = open_checkpoint(base), open_checkpoint(diff)
     diff_dir = diff if diff.is_dir() else diff.parent
@@ -162,7 +163,7 @@ def recover(
     else:
         plan = _plan_other_diff(raw, delta, out_dtype, shard_size, base)
     job = _RecoverPass(raw, delta, plan, torch_device, base, out)
-    with atomic_dir(out, force) as tmp:
+    with atomic_dir(out, force, inputs=[base, diff, checksums]) as tmp:
         with TensorDigests() as job.digests:
             report = write_checkpoint(tmp, plan.shards, job.produce, index=plan.index, description="recover")
         job.raise_mismatch()

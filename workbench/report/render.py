@@ -14,7 +14,7 @@ from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescap
 
 from workbench import __version__
 from workbench.errors import WorkbenchError
-from workbench.outputs import atomic_file, check_can_write
+from workbench.outputs import atomic_file, check_can_write, check_not_input
 from workbench.report import sections
 from workbench.report.load import (
     ModelResults,
@@ -58,6 +58,8 @@ def render_report(
     """
     out = Path(out)
     check_can_write(out, force)  # fail before the (possibly long) weight pass
+    inputs = [*results, *train, *(spec.split('=', 1)[-1] for pair in weights for spec in pair)]
+    check_not_input(out, inputs)
     if not results:
         raise WorkbenchError("give at least one results file")
     models = [load_results(path) for path in results]
@@ -67,7 +69,7 @@ def render_report(
     context = build_context(models, [load_train_run(d) for d in train], weight_comparisons(list(weights)),
                             title=title, max_samples=max_samples, command=command)
     html = environment().get_template(TEMPLATE).render(**context)
-    with atomic_file(out, force=force) as handle:
+    with atomic_file(out, force=force, inputs=inputs) as handle:
         handle.write(html)
     return ReportInfo(out, [m.name for m in models], models[0].name, [s for s, _ in context["toc"]])
 

@@ -30,6 +30,7 @@ import torch
 import workbench
 from workbench.dtypes import resolve_compute_dtype, resolve_device
 from workbench.errors import WorkbenchError
+from workbench.outputs import check_not_input
 from workbench.train.checks import untrained_special_tokens
 from workbench.train.data import load_conversations
 from workbench.train.encode import encode_all
@@ -94,6 +95,7 @@ def train(
     run_device = resolve_device(device)
     compute = resolve_compute_dtype(dtype, run_device)
     _check_dtype(compute, run_device, allow_fp16)
+    check_not_input(out, [base if Path(base).exists() else None, *data])
     resume_from = _resume_point(out, resume, force)
     options.update(device=run_device.type, dtype=_dtype_name(compute), lora_alpha=lora_alpha or 2 * lora_r,
                    eval_steps=eval_steps or save_steps)
