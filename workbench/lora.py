@@ -18,7 +18,6 @@ rewrote the base weights, ...) is refused by name rather than merged wrongly.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass, field, replace
@@ -27,11 +26,13 @@ from pathlib import Path
 import torch
 
 from workbench.errors import WorkbenchError
+from workbench.io.jsonfile import read_json
 from workbench.io.reader import Checkpoint, open_checkpoint
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 PEFT_PREFIX = "base_model.model."
+FLOAT32_MAX = 3.4028234663852886e38
 
 _LINEAR_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[^.]+)?\.weight$")
 _EMBEDDING_KEY = re.compile(r"^(?P<module>.+)\.lora_embedding_(?P<ab>[AB])(?:\.[^.]+)?$")
@@ -106,7 +107,10 @@ class LoraAdapter:
             first, second = a[:, start:stop].T, b.T
         else:
             first, second = b[start:stop], a
-        acc.addmm_(first.to(acc.device, torch.float32), second.to(acc.device, torch.float32), alpha=weight * pair.scale)
+        alpha = weight * pair.scale
+        if not abs(alpha) <= FLOAT32_MAX:
+            raise WorkbenchError(f"module {pair.module!r}: weight x LoRA scale = {alpha:g} is too large for float32", self.path)
+        acc.addmm_(first.to(acc.device, torch.float32), second.to(acc.device, torch.float32), alpha=alpha)
 
     @property
     def files(self) -> list[Path]:
@@ -259,12 +263,9 @@ def lora_scale(config: dict, module: str) -> tuple[int, float, float]:
 
 def _read_config(path: Path) -> dict:
     file = path / ADAPTER_CONFIG
-    try:
-        config = json.loads(file.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise WorkbenchError(f"not a PEFT adapter (no {ADAPTER_CONFIG})", path) from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise WorkbenchError(f"adapter config does not parse: {exc}", file) from None
+    if not file.is_file():
+        raise WorkbenchError(f"not a PEFT adapter (no {ADAPTER_CONFIG})", path)
+    config = read_json(file, "adapter config")
     if not isinstance(config, dict):
         raise WorkbenchError("adapter config is not a JSON object", file)
     return config
@@ -296,6 +297,9 @@ def _map_tensors(adapter: LoraAdapter) -> None:
                 f"module {module!r} has {len(a_info.shape)}-d LoRA matrices (a convolution?); wb merges "
                 "Linear and Embedding LoRA only", adapter.path)
         rank, alpha, scale = lora_scale(adapter.config, module)
+        if not abs(scale) <= FLOAT32_MAX:
+            raise WorkbenchError(f"module {module!r}: the LoRA scale {alpha:g} / r is too large for float32",
+                                 adapter.path / ADAPTER_CONFIG)
         if a_info.shape[0] != rank or b_info.shape[1] != rank:
             raise WorkbenchError(
                 f"module {module!r}: lora_A is {list(a_info.shape)} and lora_B is {list(b_info.shape)} "

@@ -25,6 +25,7 @@ from workbench import __version__
 from workbench.dtypes import TORCH_TO_SAFETENSORS, parse_dtype, resolve_device
 from workbench.errors import WorkbenchError
 from workbench.io.hashing import hash_files
+from workbench.io.jsonfile import read_json
 from workbench.io.reader import Checkpoint, open_checkpoint
 from workbench.io.writer import (
     MODEL_SIDE_FILES,
@@ -267,10 +268,9 @@ def _read_model_config(folder: Path) -> dict:
     file = folder / "config.json"
     if not file.is_file():
         raise WorkbenchError("model folder has no config.json", folder)
-    try:
-        config = json.loads(file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise WorkbenchError(f"config.json does not parse: {exc}", file) from None
+    config = read_json(file, "config.json")
+    if not isinstance(config, dict):
+        raise WorkbenchError("config.json is not a JSON object", file)
     quantization = config.get("quantization_config")
     if quantization:
         method = quantization.get("quant_method", "unknown") if isinstance(quantization, dict) else "unknown"

@@ -15,7 +15,6 @@ Every failed check raises before OUT is renamed into place, so a failure leaves 
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ import torch
 from workbench.dtypes import parse_dtype, resolve_device
 from workbench.errors import CheckFailed, WorkbenchError
 from workbench.io.hashing import hash_file, parse_checksum_file
+from workbench.io.jsonfile import parse_json
 from workbench.io.reader import Checkpoint, open_checkpoint
 from workbench.io.weightsum import float64_sum
 from workbench.io.writer import (
@@ -271,10 +271,8 @@ def _check_layout(shards: list[ShardPlan], jobs: dict[str, _Job], meta_file: Pat
 
 def _check_index_text(text: str, shards: list[ShardPlan], meta_file: Path) -> None:
     """The recorded index must map each tensor to the file the layout puts it in."""
-    try:
-        weight_map = json.loads(text)["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        weight_map = None
+    index = parse_json(text, f"{META_FILE} does not parse: its recorded index", meta_file)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
     expected = {slot.name: shard.filename for shard in shards for slot in shard.header.slots}
     if weight_map != expected:
         raise WorkbenchError(f"{META_FILE} is inconsistent: its recorded index does not match its file layout", meta_file)

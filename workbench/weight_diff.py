@@ -22,6 +22,7 @@ import torch
 
 from workbench.dtypes import TORCH_TO_SAFETENSORS
 from workbench.errors import WorkbenchError
+from workbench.io.jsonfile import read_json
 from workbench.io.paths import check_member_name
 
 FORMAT_VERSION = 1
@@ -283,10 +284,7 @@ def read_meta(diff_dir: Path) -> dict | None:
     path = diff_dir / META_FILE
     if not path.is_file():
         return None
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"), parse_constant=_refuse_constant)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, ValueError) as exc:
-        raise WorkbenchError(f"{META_FILE} does not parse: {exc}", path) from None
+    meta = read_json(path, META_FILE, allow_nan=False, problem=f"{META_FILE} does not parse")
     missing = [key for key in _META_KEYS if not isinstance(meta, dict) or key not in meta]
     if missing:
         raise WorkbenchError(f"{META_FILE} lacks {', '.join(missing)}", path)
@@ -296,10 +294,6 @@ def read_meta(diff_dir: Path) -> dict | None:
         )
     _MetaCheck(path).check(meta)
     return meta
-
-
-def _refuse_constant(name: str) -> None:
-    raise ValueError(f"{name} is not a number JSON allows")
 
 
 class _MetaCheck:

@@ -7,12 +7,12 @@ resolved), so names print as the user typed them and a hub-cache snapshot of sym
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from workbench.errors import WorkbenchError
-from workbench.io.paths import safe_join
+from workbench.io.jsonfile import read_json
+from workbench.io.paths import check_member_name
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
@@ -59,19 +59,17 @@ def find_weight_files(path: str | Path) -> WeightFiles:
 
 def _from_index(index_file: Path) -> WeightFiles:
     root = index_file.parent
-    try:
-        weight_map = json.loads(index_file.read_text(encoding="utf-8"))["weight_map"]
-        if not isinstance(weight_map, dict):
-            raise TypeError("weight_map is not an object")
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise WorkbenchError(f"index does not parse: {exc}", index_file) from None
+    index = read_json(index_file, "index")
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict):
+        raise WorkbenchError("index does not parse: no weight_map object", index_file)
     if not weight_map:
         raise WorkbenchError("index does not parse: weight_map is empty", index_file)
     files: dict[str, Path] = {}
     for shard in weight_map.values():
-        if shard not in files:
-            files[shard] = safe_join(root, shard, "index names a shard", index_file)
-    for shard, candidate in sorted(files.items()):
+        name = check_member_name(shard, "index names a shard", index_file)
+        files[name] = root / name
+    for shard, candidate in sorted(files.items()):  # names are clean now: sortable, inside root
         if not candidate.is_file():
             raise WorkbenchError(f"index names a missing shard {shard!r}", index_file)
     return WeightFiles(root, [files[shard] for shard in sorted(files)], index_file, weight_map)

@@ -17,6 +17,7 @@ import torch
 
 from workbench.dtypes import SAFETENSORS_DTYPES, TORCH_TO_SAFETENSORS, element_size
 from workbench.errors import WorkbenchError
+from workbench.io.jsonfile import parse_json
 
 MAX_HEADER_BYTES = 100_000_000  # the safetensors library's own limit
 
@@ -64,10 +65,7 @@ def read_header(path: Path) -> Header:
                 f"safetensors header does not parse: it claims {header_len} bytes in a file of {file_size}", path
             )
         raw = handle.read(header_len)
-    try:
-        parsed = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise WorkbenchError(f"safetensors header does not parse: {exc}", path) from None
+    parsed = parse_json(raw, "safetensors header does not parse", path)
     if not isinstance(parsed, dict):
         raise WorkbenchError("safetensors header does not parse: not a JSON object", path)
     metadata = _metadata(parsed.pop("__metadata__", None), path)
@@ -144,10 +142,7 @@ def layout(specs: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict
 def header_from_raw(raw: bytes, path: Path) -> Header:
     """Rebuild a header from stored JSON bytes (to reproduce a file byte for byte); `path` is the
     file that carried them, named in errors. The bytes are validated as a file's header would be."""
-    try:
-        parsed = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise WorkbenchError(f"recorded safetensors header does not parse: {exc}", path) from None
+    parsed = parse_json(raw, "recorded safetensors header does not parse", path)
     if not isinstance(parsed, dict):
         raise WorkbenchError("recorded safetensors header does not parse: not a JSON object", path)
     metadata = _metadata(parsed.pop("__metadata__", None), path)

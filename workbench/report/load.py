@@ -6,7 +6,6 @@ report is never rendered from half-understood input.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,6 +13,7 @@ from typing import Any
 
 from workbench.errors import WorkbenchError
 from workbench.io.hashing import sha256_file
+from workbench.io.jsonfile import parse_json, read_json
 
 RESULTS_VERSION = 1
 REQUIRED_KEYS = ("wb_results_version", "name", "results", "provenance")
@@ -78,20 +78,6 @@ class TrainRun:
     adapter_files: dict[str, str]
 
 
-def read_json(path: Path, what: str) -> Any:
-    """Parse a JSON file or raise a one-line error naming it."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise WorkbenchError(f"{what} not found", path) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise WorkbenchError(f"cannot read {what}: {exc}", path) from None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise WorkbenchError(f"{what} is not valid JSON (line {exc.lineno}: {exc.msg})", path) from None
-
-
 def read_jsonl(path: Path, what: str) -> list[dict[str, Any]]:
     """Parse a JSON-lines file whose every line is an object."""
     rows = []
@@ -100,10 +86,7 @@ def read_jsonl(path: Path, what: str) -> list[dict[str, Any]]:
             for number, line in enumerate(handle, start=1):
                 if not line.strip():
                     continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise WorkbenchError(f"{what}: line {number} is not valid JSON ({exc.msg})", path) from None
+                row = parse_json(line, f"{what}: line {number} is not valid JSON", path)
                 if not isinstance(row, dict):
                     raise WorkbenchError(f"{what}: line {number} is not a JSON object", path)
                 rows.append(row)
