@@ -24,7 +24,7 @@ def check_member_name(name: object, what: str, source: str | Path) -> str:
         raise WorkbenchError(f"{what} is not a file name: {name!r}", source)
     problem = _problem(name)
     if problem:
-        raise WorkbenchError(f"{what} {name!r} {problem}; refusing it", source)
+        raise WorkbenchError(f"{what} {name!r}, which {problem}; refusing it", source)
     return PurePosixPath(name).as_posix()
 
 
