@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -404,3 +405,119 @@ def test_cli_help_documents_every_option():
     for param in command.params:
         assert param.help, f"{param.name} has no help"
         assert param.opts[0] in result.output
+
+
+# -- model, adapter and tokenizer files that transformers/peft would choke on: one line each ------------------
+class NotATensor:
+    """Pickled into a weights file: `torch.load(weights_only=True)` refuses it (and nothing here unpickles it)."""
+
+
+def assert_one_error(result, *fragments: str) -> str:
+    """Exit 1, stderr exactly one line `error: ...` containing `fragments`, no traceback anywhere."""
+    assert result.exit_code == 1, (result.exit_code, result.output, result.exception)
+    assert isinstance(result.exception, SystemExit), result.exception
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert "Traceback" not in result.output + result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    return lines[0]
+
+
+def eval_gen(tmp_path: Path, model: Path, *extra: str):
+    """`wb eval` on one generation record: the cheapest run that loads the model."""
+    data = tmp_path / "one.jsonl"
+    data.write_text('{"content": "a", "summary": "b"}\n', encoding="utf-8")
+    return CliRunner().invoke(wb, ["eval", "--model", str(model), *extra, "--gen-data", str(data), "--max-new-tokens", "1",
+                                   "--out", str(tmp_path / "R.json")])
+
+
+def lora_for(model, path: Path, **config) -> Path:
+    from peft import LoraConfig, get_peft_model
+
+    config = {"r": 4, "target_modules": ["q_proj", "v_proj"], "init_lora_weights": False, **config}
+    safe = config.pop("safe_serialization", True)
+    get_peft_model(model, LoraConfig(**config)).save_pretrained(path, safe_serialization=safe)
+    return path
+
+
+def other_llama(**sizes):
+    from tiny import make_model
+
+    return make_model(320, **sizes)
+
+
+def test_adapter_made_for_another_base(tmp_path, tiny_model):
+    narrow = lora_for(other_llama(hidden=32, intermediate=64), tmp_path / "narrow")
+    assert_one_error(eval_gen(tmp_path, tiny_model, "--adapter", str(narrow)), "adapter was made for another base: "
+                     "'model.layers.0.self_attn.q_proj' is 64x64 in the model, but the adapter's LoRA update for it is 32x32",
+                     f"({narrow})")
+    deeper = lora_for(other_llama(layers=4), tmp_path / "deeper")
+    assert_one_error(eval_gen(tmp_path, tiny_model, "--adapter", str(deeper)), "adapter was made for another base: "
+                     "it has weights for 'model.layers.2.self_attn.q_proj', which the model does not have")
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    gpt2 = lora_for(GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=320)), tmp_path / "gpt2",
+                    target_modules=["c_attn"])
+    assert_one_error(eval_gen(tmp_path, tiny_model, "--adapter", str(gpt2)),
+                     "adapter was made for another base: it adapts modules named 'c_attn'")
+    assert not (tmp_path / "R.json").exists()
+
+
+def test_adapter_peft_rejects_is_translated(tmp_path, tiny_model):
+    """A DoRA adapter is not read by wb's own LoRA reader, so peft's size-mismatch error is translated."""
+    dora = lora_for(other_llama(hidden=32, intermediate=64), tmp_path / "dora", use_dora=True)
+    assert_one_error(eval_gen(tmp_path, tiny_model, "--adapter", str(dora)),
+                     "adapter was made for another base: size mismatch for", f"({dora})")
+
+
+def test_adapter_check_has_no_false_alarms(tiny_models, tmp_path):
+    """Tied embeddings (no lm_head.weight in the checkpoint) and a resized vocabulary pass the check."""
+    from transformers import AutoModelForCausalLM
+
+    from workbench.evaluate import check_model_files
+
+    tied = tiny_models(tie=True)
+    model = AutoModelForCausalLM.from_pretrained(tied)
+    adapter = lora_for(model, tmp_path / "tied", target_modules=["q_proj", "embed_tokens"], modules_to_save=["lm_head"])
+    assert check_model_files(tied, adapter) is not None
+    model = AutoModelForCausalLM.from_pretrained(tiny_models())
+    model.resize_token_embeddings(330)
+    adapter = lora_for(model, tmp_path / "resized", target_modules=["q_proj", "lm_head"], modules_to_save=["embed_tokens"])
+    assert check_model_files(tiny_models(), adapter) is not None
+
+
+def test_pickles_weights_only_rejects(tmp_path, tiny_models):
+    import torch
+
+    model = Path(shutil.copytree(tiny_models("bin"), tmp_path / "bin-model"))
+    state = torch.load(model / "pytorch_model.bin", weights_only=True)
+    torch.save({**state, "extra": NotATensor()}, model / "pytorch_model.bin")
+    assert_one_error(eval_gen(tmp_path, model), "refusing to unpickle", f"({model / 'pytorch_model.bin'})")
+
+    from transformers import AutoModelForCausalLM
+
+    adapter = lora_for(AutoModelForCausalLM.from_pretrained(tiny_models()), tmp_path / "lora", safe_serialization=False)
+    state = torch.load(adapter / "adapter_model.bin", weights_only=True)
+    torch.save({**state, "extra": NotATensor()}, adapter / "adapter_model.bin")
+    assert_one_error(eval_gen(tmp_path, tiny_models(), "--adapter", str(adapter)), "refusing to unpickle",
+                     f"({adapter / 'adapter_model.bin'})")
+
+
+def test_missing_or_broken_tokenizer(tmp_path, tiny_model):
+    model = Path(shutil.copytree(tiny_model, tmp_path / "no-tokenizer"))
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        (model / name).unlink(missing_ok=True)
+    assert_one_error(eval_gen(tmp_path, model), "no tokenizer in the folder", f"({model})")
+    (model / "tokenizer_config.json").write_text('{"tokenizer_class": "PreTrainedTokenizerFast"}', encoding="utf-8")
+    (model / "tokenizer.json").write_text("{not json", encoding="utf-8")
+    assert_one_error(eval_gen(tmp_path, model), "could not load the tokenizer", f"({model})")
+
+
+def test_compare_checks_every_adapter_before_evaluating(tmp_path, tiny_model):
+    """`wb compare` refuses an adapter made for another base before it evaluates the base."""
+    narrow = lora_for(other_llama(hidden=32, intermediate=64), tmp_path / "narrow")
+    result = CliRunner().invoke(wb, ["compare", "--base", str(tiny_model), "--adapter", str(narrow), "--tasks",
+                                     "ceval-valid_law", "--data-dir", f"ceval={mini('ceval')}", "--out", str(tmp_path / "cmp")])
+    assert_one_error(result, "adapter was made for another base", f"({narrow})")
+    assert not (tmp_path / "cmp").exists() or not list((tmp_path / "cmp").iterdir())

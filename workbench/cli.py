@@ -396,7 +396,8 @@ def _parse_batch_size(ctx, param, value: str) -> int | str:
                    "mmlu_anatomy, hellaswag, ...). Default: the benchmarks of --data-dir.")
 @click.option("--data-dir", multiple=True, metavar="[NAME=]DIR",
               help="Evaluate a benchmark from local CSV files instead of the hub. NAME is mmlu, ceval or cmmlu; "
-                   "without it the layout tells. Repeat for several benchmarks.")
+                   "without it, the benchmark --tasks asks for; else the layout tells (official release layouts "
+                   "included). Repeat for several benchmarks.")
 @click.option("--gen-data", type=existing_path,
               help="Prompt/reference records (alpaca JSON/JSONL, or AdvertiseGen content/summary JSONL): "
                    "greedy generation scored with ROUGE-1/2/L and BLEU-4.")

@@ -23,6 +23,7 @@ from typing import Any
 from workbench.checksum import checksum
 from workbench.errors import WorkbenchError
 from workbench.io.hashing import sha256_file
+from workbench.outputs import check_not_input
 from workbench.report.load import ModelResults, load_results
 from workbench.report.render import render_report
 
@@ -102,6 +103,7 @@ def compare(
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise WorkbenchError("--out must be a folder", out)
+    check_not_input(out, [base, *tuned, *adapters, gen_data, *(spec.split("=", 1)[-1] for spec in data_dir)])
     settings = {"tasks": list(tasks), "num_fewshot": num_fewshot, "limit": limit, "data_dir": list(data_dir),
                 "gen_data": gen_data, "batch_size": batch_size, "chat_template": chat_template,
                 "max_new_tokens": max_new_tokens, "dtype": dtype}
@@ -109,6 +111,7 @@ def compare(
     result = CompareResult(out / REPORT_NAME, [])
     # The base shared by every candidate is hashed once per comparison, not once per candidate.
     weight_hashes = functools.cache(lambda path: checksum(path, algo="sha256").files)
+    todo = []
     for candidate in candidates(Path(base), [Path(t) for t in tuned], [Path(a) for a in adapters]):
         path = out / candidate.filename
         result.results.append(path)
@@ -120,6 +123,9 @@ def compare(
                 continue
             raise WorkbenchError(f"{path.name} differs from this comparison in: {', '.join(reasons)}; pass --force "
                                  "to re-evaluate and replace it, or choose another --out", path)
+        todo.append((candidate, path))
+    _check_candidates([candidate for candidate, _ in todo], trust_remote_code)
+    for candidate, path in todo:
         log(f"evaluating {candidate.name}")
         _run_evaluate(candidate, path, eval_kwargs, force=path.exists())
         result.evaluated.append(candidate.name)
@@ -132,6 +138,24 @@ def compare(
 def is_train_output(folder: Path) -> bool:
     """An adapter written by `wb train` brings its training run into the report."""
     return (folder / "train_args.json").is_file() and (folder / "trainer_log.jsonl").is_file()
+
+
+def _check_candidates(todo: Sequence[Candidate], trust_remote_code: bool) -> None:
+    """Every model and adapter to evaluate checked (weights, adapter against its base, tokenizer) before the
+    first evaluation starts, so that a bad last candidate fails in seconds, not after the others ran."""
+    if not todo:
+        return
+    from workbench import evaluate as evaluation
+
+    check = getattr(evaluation, "check_model_files", None)  # absent from a stand-in module (tests)
+    if check is None:
+        return
+    for candidate in todo:
+        if not Path(candidate.model).is_dir():
+            raise WorkbenchError("model must be a model folder (config.json, tokenizer, weights)", candidate.model)
+        if candidate.adapter is not None and not (Path(candidate.adapter) / "adapter_config.json").is_file():
+            raise WorkbenchError("--adapter must be a PEFT adapter folder (adapter_config.json)", candidate.adapter)
+        check(candidate.model, candidate.adapter, trust_remote_code)
 
 
 def _run_evaluate(candidate: Candidate, path: Path, kwargs: dict[str, Any], force: bool) -> None:

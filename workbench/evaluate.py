@@ -21,7 +21,7 @@ from pathlib import Path
 
 from workbench.errors import WorkbenchError
 from workbench.io.hashing import sha256_file
-from workbench.outputs import atomic_file, check_can_write
+from workbench.outputs import atomic_file, check_can_write, check_not_input
 
 RESULTS_VERSION = 1
 LM_EVAL_KEYS = ("results", "groups", "group_subtasks", "n-shot", "n-samples", "versions", "configs", "higher_is_better")
@@ -70,7 +70,8 @@ def evaluate(
     tasks: lm-eval task/group names ("ceval" means "ceval-valid"); empty means the benchmarks of
     `data_dir`. data_dir: "NAME=PATH" or "PATH" entries (NAME: mmlu, ceval, cmmlu, or custom: any
     subjects in MMLU's layout, scored as tasks custom_<subject> in group custom), evaluated from
-    local CSV files. gen_data: prompt/reference records for ROUGE/BLEU. limit: the first N questions
+    local CSV files; a bare PATH holds the benchmark `tasks` ask for (`tasks=["ceval"]`), or, without
+    such tasks, the one its layout shows (layouts.resolve_data_dirs). gen_data: prompt/reference records for ROUGE/BLEU. limit: the first N questions
     of each task (generation always runs every record). num_fewshot None: 5 for MMLU/C-Eval/CMMLU,
     lm-eval's default for other tasks. chat_template None: generation uses the tokenizer's template
     when it has one, benchmarks are scored without (as published base-model scores are);
@@ -84,8 +85,9 @@ def evaluate(
         from workbench.evals.tasks import load_tasks
 
         task_objects = load_tasks(plan.names, plan.local, num_fewshot) if plan.names else []
+        tokenizer = check_model_files(plan.model, plan.adapter, trust_remote_code)
         fingerprints = _fingerprints(plan.model, plan.adapter)
-        lm = _load_lm(plan, trust_remote_code)
+        lm = _load_lm(plan, trust_remote_code, tokenizer)
         use_template = _chat_template_choice(chat_template, lm.tokenizer)
         lm_results = _run_lm_eval(lm, task_objects, num_fewshot, limit, plan.lm_batch, chat_template is True) if plan.names else {}
         generated = _run_generation(lm, plan.items, max_new_tokens, batch_size, use_template) if plan.gen_path else None
@@ -126,21 +128,23 @@ def _plan(model, adapter, tasks, data_dir, gen_data, limit, num_fewshot, max_new
           out, force) -> _Plan:
     """Check every input and output path, read the data files; fail before any model is loaded."""
     from workbench.dtypes import resolve_compute_dtype, resolve_device
-    from workbench.evals.layouts import open_local
 
     model, out = Path(model), Path(out)
     adapter = Path(adapter) if adapter is not None else None
     gen_path = Path(gen_data) if gen_data is not None else None
     _check_inputs(model, adapter, gen_path, max_new_tokens, limit, num_fewshot)
-    local = _open_data_dirs([data_dir] if isinstance(data_dir, (str, Path)) else list(data_dir or ()), open_local)
-    names = _task_names(tasks, local)
+    requested = _requested_names(tasks)
+    local = _open_data_dirs([data_dir] if isinstance(data_dir, (str, Path)) else list(data_dir or ()), requested)
+    names = _task_names(requested, local)
     if not names and gen_path is None:
         raise WorkbenchError("nothing to evaluate: give --tasks, --data-dir or --gen-data")
     samples_path = out.with_name(f"{out.stem}.samples.jsonl") if names else None
     predictions_path = out.with_name(f"{out.stem}.predictions.jsonl") if gen_path else None
+    inputs = [model, adapter, gen_path, *(bench.root for bench in local.values())]
     for target in (out, samples_path, predictions_path):
         if target is not None:
             check_can_write(target, force)
+            check_not_input(target, inputs)
     torch_device = resolve_device(device)
     return _Plan(
         model=model, adapter=adapter, gen_path=gen_path, local=local, names=names,
@@ -209,10 +213,19 @@ def _check_inputs(model: Path, adapter: Path | None, gen_path: Path | None, max_
         raise WorkbenchError("--num-fewshot cannot be negative")
 
 
-def _open_data_dirs(specs: list[str], open_local) -> dict:
+def _open_data_dirs(specs: list[str], requested: list[str]) -> dict:
+    """{benchmark: LocalBenchmark}. The tasks asked for decide what a bare folder holds (`--tasks ceval
+    --data-dir DIR` reads DIR as C-Eval); without such tasks its layout tells (layouts.resolve_data_dirs)."""
+    from workbench.evals.layouts import parse_data_dir, resolve_data_dirs
+
+    wanted: set[str] = set()
+    if requested and any(parse_data_dir(str(spec))[0] is None for spec in specs):
+        from workbench.evals.tasks import family_members
+
+        members = family_members()
+        wanted = {members[name] for name in requested if name in members}
     local = {}
-    for spec in specs:
-        folder = open_local(str(spec))
+    for folder in resolve_data_dirs([str(spec) for spec in specs], wanted):
         name = folder.benchmark.name
         if name in local:
             raise WorkbenchError(f"two --data-dir folders hold {name}: {local[name].given} and {folder.given}")
@@ -220,9 +233,9 @@ def _open_data_dirs(specs: list[str], open_local) -> dict:
     return local
 
 
-def _task_names(tasks, local: dict) -> list[str]:
-    """Requested names (comma lists allowed, aliases resolved); none: the local benchmarks' groups."""
-    from workbench.evals.tasks import canonical, local_members
+def _requested_names(tasks) -> list[str]:
+    """The names given (comma lists allowed, aliases resolved, duplicates dropped)."""
+    from workbench.evals.tasks import canonical
 
     names: list[str] = []
     for entry in [tasks] if isinstance(tasks, str) else tasks or ():
@@ -230,6 +243,14 @@ def _task_names(tasks, local: dict) -> list[str]:
             name = canonical(name.strip())
             if name and name not in names:
                 names.append(name)
+    return names
+
+
+def _task_names(tasks, local: dict) -> list[str]:
+    """The requested names, checked against the local folders; none: the local benchmarks' groups."""
+    from workbench.evals.tasks import local_members
+
+    names = _requested_names(tasks)
     if not names:
         return [folder.benchmark.group for folder in local.values()]
     members = local_members(local)
@@ -269,28 +290,163 @@ def _fingerprints(model: Path, adapter: Path | None) -> dict:
     }
 
 
-def _load_lm(plan: _Plan, trust_remote_code: bool):
+def check_model_files(model: Path, adapter: Path | None = None, trust_remote_code: bool = False):
+    """Check what transformers and peft would read, so that a bad file fails with one line, before loading.
+
+    The weights are opened as `wb` opens them (a pickle that `weights_only` rejects, a damaged
+    safetensors header: refused naming the file); a LoRA adapter's tensors are checked against the
+    model's (`_adapter_mismatch`); the tokenizer is loaded (and returned, for HFLM).
+    """
+    from workbench.io.reader import open_checkpoint
+
+    model, adapter = Path(model), Path(adapter) if adapter is not None else None
+    with open_checkpoint(model) as base:
+        if adapter is not None:
+            _check_adapter(adapter, base, _config_vocab_size(model))
+    return _load_tokenizer(_tokenizer_folder(model, adapter), trust_remote_code)
+
+
+def _check_adapter(adapter: Path, base, vocab_size: int | None) -> None:
+    from workbench.io.reader import open_checkpoint
+    from workbench.lora import ADAPTER_WEIGHTS, read_lora_adapter
+
+    weights = next((adapter / name for name in ADAPTER_WEIGHTS if (adapter / name).is_file()), None)
+    if weights is None:
+        raise WorkbenchError(f"adapter has no weights ({' or '.join(ADAPTER_WEIGHTS)})", adapter)
+    with open_checkpoint(weights):  # a pickle weights_only rejects fails here, naming the file
+        pass
+    try:
+        lora = read_lora_adapter(adapter)
+    except WorkbenchError:  # not plain LoRA (DoRA, another PEFT type, ...): peft checks it; see _load_lm
+        return
+    try:
+        problem = _adapter_mismatch(lora, base, vocab_size)
+    finally:
+        lora.checkpoint.close()
+    if problem:
+        raise WorkbenchError(f"adapter was made for another base: {problem}", adapter)
+
+
+def _adapter_mismatch(lora, base, vocab_size: int | None) -> str | None:
+    """What in a LoRA adapter does not fit the model's checkpoint `base`, or None.
+
+    Every tensor the adapter changes must exist in the base with the shape the adapter's update has
+    (a vocabulary-sized dimension may differ: lm-eval resizes the embeddings to the adapter's
+    tokenizer). `lm_head.weight` may be absent (tied embeddings). When none of the targets is found
+    under its name but every module name occurs, the checkpoint names its tensors differently from
+    the model's modules (a prefix): peft matches by module, so the decision is left to it.
+    """
+    targets = {**{t: ("lora", pair) for t, pair in lora.modules.items()},
+               **{t: ("whole", name) for t, name in lora.replacements.items()}}
+    targets = {t: v for t, v in targets.items() if t in base or t != "lm_head.weight"}
+    if not any(target in base for target in targets):
+        components = {part for name in base.names() for part in name.split(".")}
+        for target in targets:
+            leaf = target.removesuffix(".weight").rsplit(".", 1)[-1]
+            if leaf not in components:
+                return f"it adapts modules named {leaf!r} ({target.removesuffix('.weight')}), which the model has none of"
+        return None
+    for target, (kind, ref) in targets.items():
+        module = target.removesuffix(".weight")
+        if target not in base:
+            return f"it has weights for {module!r}, which the model does not have"
+        theirs = tuple(base.info(target).shape)
+        if kind == "lora":
+            a, b = tuple(lora.checkpoint.info(ref.a_name).shape), tuple(lora.checkpoint.info(ref.b_name).shape)
+            updates = [(b[0], a[1]), (a[1], b[0])]  # B @ A, or its transpose (embeddings, Conv1D)
+            mine = updates[1] if ref.embedding else updates[0]
+            fits = any(_shape_fits(u, theirs, vocab_size) for u in ([mine] if ref.embedding else updates))
+        else:
+            mine = tuple(lora.checkpoint.info(ref).shape)
+            fits = _shape_fits(mine, theirs, vocab_size)
+        if not fits:
+            return (f"{module!r} is {_shape(theirs)} in the model, but the adapter's "
+                    f"{'LoRA update' if kind == 'lora' else 'tensor'} for it is {_shape(mine)}")
+    return None
+
+
+def _shape_fits(mine: tuple, theirs: tuple, vocab_size: int | None) -> bool:
+    return len(mine) == len(theirs) and all(m == t or (vocab_size is not None and t == vocab_size)
+                                            for m, t in zip(mine, theirs))
+
+
+def _shape(shape: tuple) -> str:
+    return "x".join(str(d) for d in shape) or "a scalar"
+
+
+def _config_vocab_size(model: Path) -> int | None:
+    try:
+        config = json.loads((model / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(config, dict):
+        return None
+    for source in (config, config.get("text_config")):
+        if isinstance(source, dict) and isinstance(source.get("vocab_size"), int):
+            return source["vocab_size"]
+    return None
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model", "sentencepiece.bpe.model", "tokenizer.tiktoken", "tiktoken.model")
+
+
+def _tokenizer_folder(model: Path, adapter: Path | None) -> Path:
+    """The adapter folder when it has a tokenizer (a fine-tune may add tokens or a template), else the model's."""
+    return adapter if adapter is not None and (adapter / "tokenizer_config.json").is_file() else model
+
+
+def _load_tokenizer(folder: Path, trust_remote_code: bool):
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise WorkbenchError("no tokenizer in the folder (tokenizer.json, tokenizer_config.json, tokenizer.model "
+                             "or vocab.json); copy the base model's tokenizer files into it", folder)
+    from transformers import AutoTokenizer
+
+    try:  # as lm-eval's HFLM loads it
+        return AutoTokenizer.from_pretrained(str(folder.resolve()), trust_remote_code=trust_remote_code, use_fast=True)
+    except (OSError, ValueError, KeyError, TypeError, ImportError) as exc:
+        raise WorkbenchError(f"could not load the tokenizer: {_one_line(exc)}", folder) from None
+
+
+def _one_line(exc: BaseException, limit: int = 400) -> str:
+    """An exception's message as one line (transformers' and peft's span several), shortened."""
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _load_lm(plan: _Plan, trust_remote_code: bool, tokenizer=None):
     """lm-eval's HFLM: the model (with the adapter as a PeftModel, unmerged) and its tokenizer.
 
     The tokenizer comes from the adapter folder when it has one (a fine-tune may add tokens or a
-    chat template), else from the model folder.
+    chat template), else from the model folder; `tokenizer` is that one, loaded already.
     """
+    import transformers
     from lm_eval.models.huggingface import HFLM
 
     model, adapter = plan.model, plan.adapter
-    tokenizer = adapter if adapter is not None and (adapter / "tokenizer_config.json").is_file() else model
+    if not isinstance(tokenizer, (transformers.PreTrainedTokenizer, transformers.PreTrainedTokenizerFast)):
+        tokenizer = str(_tokenizer_folder(model, adapter).resolve())  # HFLM takes only these two classes as objects
     try:
         return HFLM(
             pretrained=str(model.resolve()),  # absolute: lm-eval never mistakes it for a hub id
-            tokenizer=str(tokenizer.resolve()),
+            tokenizer=tokenizer,
             peft=str(adapter.resolve()) if adapter is not None else None,
             device=str(plan.device),
             dtype=plan.dtype,
             batch_size=plan.lm_batch,
             trust_remote_code=trust_remote_code,
         )
+    except RuntimeError as exc:  # peft loading a state dict of other shapes; anything else is unexpected
+        mismatches = [line.strip() for line in str(exc).splitlines() if "size mismatch" in line]
+        if adapter is None or not mismatches:
+            raise
+        more = f" (and {len(mismatches) - 1} more)" if len(mismatches) > 1 else ""
+        raise WorkbenchError(f"adapter was made for another base: {mismatches[0]}{more}", adapter) from None
     except (OSError, ValueError, KeyError) as exc:
-        raise WorkbenchError(f"could not load the model: {exc}", adapter or model) from None
+        text = _one_line(exc)
+        if adapter is not None and "not found in the base model" in text:  # peft: no module to attach to
+            raise WorkbenchError(f"adapter was made for another base: {text}", adapter) from None
+        raise WorkbenchError(f"could not load the model: {text}", adapter or model) from None
 
 
 def _chat_template_choice(chat_template: bool | None, tokenizer) -> bool:
@@ -481,13 +637,23 @@ def _command_line(plan: _Plan, options: dict) -> str:
 
 @contextlib.contextmanager
 def _quiet_libraries() -> Iterator[None]:
-    """lm-eval and transformers warn about every task built from a custom dataset; keep errors only."""
+    """lm-eval and transformers warn about every task built from a custom dataset; keep errors only.
+
+    transformers' own progress bar ("Loading weights") is off too: a 0.1 s bar before every run, and
+    the line an adapter failure's one `error:` line would otherwise follow.
+    """
+    from transformers.utils import logging as transformers_logging
+
     loggers = [logging.getLogger(name) for name in ("lm_eval", "transformers", "datasets", "accelerate")]
     levels = [logger.level for logger in loggers]
+    bars = transformers_logging.is_progress_bar_enabled()
     for logger in loggers:
         logger.setLevel(logging.ERROR)
+    transformers_logging.disable_progress_bar()
     try:
         yield
     finally:
         for logger, level in zip(loggers, levels):
             logger.setLevel(level)
+        if bars:
+            transformers_logging.enable_progress_bar()
