@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test bench lint clean demo gpu-check
+.PHONY: install test fuzz bench lint clean demo gpu-check
 
 install: $(STAMP)
 
@@ -35,6 +35,12 @@ gpu-check: $(SMOLLM2)
 
 test: install $(SMOLLM2)
 	$(BIN)/python -m pytest -q
+
+# The hostile-input properties of tests/test_hostile.py with thousands of random examples each
+# (WB_FUZZ=1 selects the module's long, shrinking hypothesis profile; WB_FUZZ_EXAMPLES=N sets the count;
+# WB_SHRINK=1 alone shrinks the failures of the short default run to minimal examples).
+fuzz: install
+	WB_FUZZ=1 $(BIN)/python -m pytest -q tests/test_hostile.py -p no:randomly
 
 bench: install
 	$(BIN)/python -m bench.run --out bench/out/bench.json
