@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         build = f"built for CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
         print(f"gpu-check: no CUDA device here (torch {torch.__version__}, {build}); nothing to check.")
         return 0
-    from workbench.demo import DemoSettings, run_demo
+    from workbench.demo.run import DemoSettings, run_demo
     from workbench.errors import WorkbenchError
 
     print(f"gpu-check on {device}")

@@ -47,7 +47,7 @@ def test_weight_commands_do_not_import_heavy_libraries(name, tiny_model):
     code = (
         "import sys, importlib; from click.testing import CliRunner; from workbench.cli import wb;"
         f"CliRunner().invoke(wb, ['checksum', {str(tiny_model)!r}, '--weight-sum']);"
-        f"importlib.import_module('workbench.' + {name!r}.replace('-', '_'));"
+        f"importlib.import_module('workbench.weights.' + {name!r}.replace('-', '_'));"
         f"print(','.join(m for m in {HEAVY_MODULES!r} if m in sys.modules))"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

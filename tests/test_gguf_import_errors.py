@@ -17,7 +17,7 @@ from click.testing import CliRunner
 
 from workbench.cli import wb
 from workbench.errors import WorkbenchError
-from workbench.gguf_import import packaged_gguf, read_gguf_layout
+from workbench.weights.gguf_import import packaged_gguf, read_gguf_layout
 
 Q = struct.Struct("<Q")
 

@@ -21,8 +21,8 @@ from workbench.errors import WorkbenchError
 from workbench.io.hashing import hash_file
 from workbench.io.reader import open_checkpoint
 from workbench.io.weightsum import checkpoint_weight_sum
-from workbench.merge import merge
-from workbench.merge_methods import tensor_seed
+from workbench.weights.merge import merge
+from workbench.weights.merge_methods import tensor_seed
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = torch.tensor([[1, 17, 42, 99, 7, 250, 3, 64, 128, 200, 11, 5]])
@@ -164,7 +164,7 @@ def test_rank_and_alpha_patterns_change_the_scale(base, work):
     assert config["rank_pattern"] and config["alpha_pattern"]
     record = json.loads((work / "merged-patterns" / "merge.json").read_text())
     assert record["adapters"][0]["config"]["rank_pattern"] == config["rank_pattern"]
-    from workbench.lora import lora_scale
+    from workbench.weights.adapters.lora import lora_scale
 
     assert lora_scale(config, "model.layers.1.self_attn.k_proj") == (2, 8.0, 4.0)
     assert lora_scale(config, "model.layers.0.mlp.up_proj") == (6, 8.0, 8 / 6)
@@ -270,7 +270,7 @@ def test_ties_and_dare_equal_peft_merge_utils_on_full_deltas(base, work, adapter
 def test_magnitude_prune_keeps_the_top_fraction_and_ties_at_the_threshold():
     from peft.utils.merge_utils import prune
 
-    from workbench.merge_methods import magnitude_prune
+    from workbench.weights.merge_methods import magnitude_prune
 
     x = torch.randn(50, 40, generator=torch.Generator().manual_seed(0))
     assert torch.equal(magnitude_prune(x.clone(), 0.3), prune(x, 0.3, "magnitude"))

@@ -339,7 +339,7 @@ def test_weights_section(pair, tiny_model, tmp_path):
     assert "lm_head" in html and "embed_tokens" in html
     assert "0.00e+00" in html  # the untouched q_proj of layer 1
     assert "merge.json" in html and "weight-sum (float64)" in html
-    from workbench.checksum import checksum
+    from workbench.weights.checksum import checksum
 
     expected = checksum(tuned, algo="sha256", weight_sum=True)
     for digest in expected.files.values():
@@ -388,7 +388,7 @@ def test_help_describes_every_option():
 
 # -- compare ---------------------------------------------------------------------------------------------------
 class FakeEvaluate:
-    """Stands in for `workbench.evaluate.evaluate`: writes a contract-shaped file and counts calls."""
+    """Stands in for `workbench.evals.run.evaluate`: writes a contract-shaped file and counts calls."""
 
     def __init__(self):
         self.calls: list[dict] = []
@@ -396,7 +396,7 @@ class FakeEvaluate:
     def __call__(self, model, *, adapter=None, tasks=(), data_dir=None, gen_data=None, num_fewshot=None, limit=None,
                  batch_size="auto", device="auto", dtype="auto", chat_template=None, max_new_tokens=128,
                  trust_remote_code=False, out, force=False, command=None):
-        from workbench.checksum import checksum
+        from workbench.weights.checksum import checksum
 
         self.calls.append({"model": str(model), "adapter": adapter and str(adapter), "out": Path(out)})
         if Path(out).exists() and not force:
@@ -428,10 +428,10 @@ def fake_evaluate(monkeypatch):
     import types
 
     fake = FakeEvaluate()
-    module = sys.modules.get("workbench.evaluate")
+    module = sys.modules.get("workbench.evals.run")
     if module is None:  # the real module may not exist yet; compare only needs the attribute
-        module = types.ModuleType("workbench.evaluate")
-        monkeypatch.setitem(sys.modules, "workbench.evaluate", module)
+        module = types.ModuleType("workbench.evals.run")
+        monkeypatch.setitem(sys.modules, "workbench.evals.run", module)
     monkeypatch.setattr(module, "evaluate", fake, raising=False)
     return fake
 

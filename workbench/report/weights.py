@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from workbench.checksum import checksum
+from workbench.weights.checksum import checksum
 from workbench.errors import WorkbenchError
 from workbench.io.reader import Checkpoint, open_checkpoint
 from workbench.io.weightsum import float64_sum

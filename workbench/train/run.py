@@ -367,7 +367,7 @@ def _training_arguments(out: Path, o: dict, compute: torch.dtype, device: torch.
 
 def _fingerprint(base: str) -> dict:
     """sha256 of the base model's weight files (a local folder, or the hub cache's snapshot)."""
-    from workbench.checksum import checksum
+    from workbench.weights.checksum import checksum
 
     folder = Path(base)
     if not folder.exists():

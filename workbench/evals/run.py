@@ -282,7 +282,7 @@ def _lm_eval_batch(batch_size: int | str, device_type: str) -> int | str:
 
 # -- model -----------------------------------------------------------------------------------------
 def _fingerprints(model: Path, adapter: Path | None) -> dict:
-    from workbench.checksum import checksum
+    from workbench.weights.checksum import checksum
 
     return {
         "model_files": checksum(model, algo="sha256").files,
@@ -308,7 +308,7 @@ def check_model_files(model: Path, adapter: Path | None = None, trust_remote_cod
 
 def _check_adapter(adapter: Path, base, vocab_size: int | None) -> None:
     from workbench.io.reader import open_checkpoint
-    from workbench.lora import ADAPTER_WEIGHTS, read_lora_adapter
+    from workbench.weights.adapters.lora import ADAPTER_WEIGHTS, read_lora_adapter
 
     weights = next((adapter / name for name in ADAPTER_WEIGHTS if (adapter / name).is_file()), None)
     if weights is None:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from workbench.checksum import checksum
+from workbench.weights.checksum import checksum
 from workbench.errors import WorkbenchError
 from workbench.io.hashing import sha256_file
 from workbench.outputs import check_not_input
@@ -145,7 +145,7 @@ def _check_candidates(todo: Sequence[Candidate], trust_remote_code: bool) -> Non
     first evaluation starts, so that a bad last candidate fails in seconds, not after the others ran."""
     if not todo:
         return
-    from workbench import evaluate as evaluation
+    from workbench.evals import run as evaluation
 
     check = getattr(evaluation, "check_model_files", None)  # absent from a stand-in module (tests)
     if check is None:
@@ -159,7 +159,7 @@ def _check_candidates(todo: Sequence[Candidate], trust_remote_code: bool) -> Non
 
 
 def _run_evaluate(candidate: Candidate, path: Path, kwargs: dict[str, Any], force: bool) -> None:
-    from workbench import evaluate as evaluation  # lm-eval and transformers load only now
+    from workbench.evals import run as evaluation  # lm-eval and transformers load only now
 
     out_dir = path.parent
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -39,7 +39,7 @@ from workbench.io.writer import (
     write_checkpoint,
 )
 from workbench.outputs import atomic_dir, check_can_write, check_not_input
-from workbench.weight_diff import (
+from workbench.weights.weight_diff import (
     FIXUPS_FILE,
     FORMAT_VERSION,
     RESIZE_RULE,

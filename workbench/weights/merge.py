@@ -36,8 +36,8 @@ from workbench.io.writer import (
     row_blocks,
     write_checkpoint,
 )
-from workbench.lora import LoraAdapter, is_lora_adapter, read_lora_adapter
-from workbench.merge_methods import METHODS, combine, tensor_seed
+from workbench.weights.adapters.lora import LoraAdapter, is_lora_adapter, read_lora_adapter
+from workbench.weights.merge_methods import METHODS, combine, tensor_seed
 from workbench.outputs import atomic_dir, check_can_write, check_not_input
 
 # float32 bytes of one row block of the linear merge. Kept small so that the writer's per-block

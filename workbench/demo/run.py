@@ -196,7 +196,7 @@ def cache_dir() -> Path:
 
 def default_base(runner: StepRunner, cache: Path) -> Path:
     """The packaged SmolLM2 converted once into `cache`; later runs re-use the folder."""
-    from workbench.gguf_import import check_gguf_file, default_gguf
+    from workbench.weights.gguf_import import check_gguf_file, default_gguf
     from workbench.io.hashing import sha256_file
 
     gguf = default_gguf()
@@ -224,7 +224,7 @@ HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
 def check_base(base: str | None) -> None:
     """Fail before anything is written when `base` can be neither used nor fetched."""
     if base is None:
-        from workbench.gguf_import import default_gguf
+        from workbench.weights.gguf_import import default_gguf
 
         default_gguf()
         return
@@ -276,7 +276,7 @@ def run_demo(
     echo: Callable[[str], None] = print,
 ) -> dict:
     """Run the whole pipeline into `out`; returns (and writes to `out/demo.json`) the summary."""
-    from workbench.demo_data import write_demo_data
+    from workbench.demo.data import write_demo_data
     from workbench.dtypes import resolve_device
 
     settings = settings or DemoSettings()
