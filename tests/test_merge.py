@@ -22,7 +22,7 @@ from workbench.io.hashing import hash_file
 from workbench.io.reader import open_checkpoint
 from workbench.io.weightsum import checkpoint_weight_sum
 from workbench.weights.merge import merge
-from workbench.weights.merge_methods import tensor_seed
+from workbench.weights.methods.base import tensor_seed
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = torch.tensor([[1, 17, 42, 99, 7, 250, 3, 64, 128, 200, 11, 5]])
@@ -140,12 +140,27 @@ VARIANTS = {
 }
 
 
+@pytest.fixture(scope="module")
+def variant_merge(base, work):
+    """A factory: variant -> (its adapter, the folder `wb merge` made of it), each made once, by
+    whichever test asks first."""
+    made: dict[str, tuple[Path, Path]] = {}
+
+    def build(variant: str) -> tuple[Path, Path]:
+        if variant not in made:
+            adapter = make_adapter(base, work / f"v-{variant}", seed=3, **VARIANTS[variant])
+            out = work / f"merged-{variant}"
+            code, output = run_merge("--base", base, "--adapter", adapter, "--out", out)
+            assert code == 0, output
+            made[variant] = adapter, out
+        return made[variant]
+
+    return build
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_one_adapter_equals_peft_merge_and_unload(base, work, variant):
-    adapter = make_adapter(base, work / f"v-{variant}", seed=3, **VARIANTS[variant])
-    out = work / f"merged-{variant}"
-    code, output = run_merge("--base", base, "--adapter", adapter, "--out", out)
-    assert code == 0, output
+def test_one_adapter_equals_peft_merge_and_unload(base, variant_merge, variant):
+    adapter, out = variant_merge(variant)
     ours = check_complete(out, base)
     reference, peft_logits = peft_merged(base, adapter)
     base_state = load_file(base / "model.safetensors")
@@ -158,11 +173,12 @@ def test_one_adapter_equals_peft_merge_and_unload(base, work, variant):
     torch.testing.assert_close(merged_logits, peft_logits, rtol=1e-5, atol=1e-5)
 
 
-def test_rank_and_alpha_patterns_change_the_scale(base, work):
+def test_rank_and_alpha_patterns_change_the_scale(variant_merge):
     """The pattern variant really exercised the patterns: the pattern modules have their own rank."""
-    config = json.loads((work / "v-patterns" / "adapter_config.json").read_text())
+    adapter, out = variant_merge("patterns")
+    config = json.loads((adapter / "adapter_config.json").read_text())
     assert config["rank_pattern"] and config["alpha_pattern"]
-    record = json.loads((work / "merged-patterns" / "merge.json").read_text())
+    record = json.loads((out / "merge.json").read_text())
     assert record["adapters"][0]["config"]["rank_pattern"] == config["rank_pattern"]
     from workbench.weights.adapters.lora import lora_scale
 
@@ -270,7 +286,7 @@ def test_ties_and_dare_equal_peft_merge_utils_on_full_deltas(base, work, adapter
 def test_magnitude_prune_keeps_the_top_fraction_and_ties_at_the_threshold():
     from peft.utils.merge_utils import prune
 
-    from workbench.weights.merge_methods import magnitude_prune
+    from workbench.weights.methods.ties import magnitude_prune
 
     x = torch.randn(50, 40, generator=torch.Generator().manual_seed(0))
     assert torch.equal(magnitude_prune(x.clone(), 0.3), prune(x, 0.3, "magnitude"))

@@ -78,7 +78,9 @@ class LoraModule:
 
 @dataclass
 class LoraAdapter:
-    """A PEFT LoRA adapter, opened lazily; `bind` checks it against a base and resolves layouts."""
+    """A PEFT LoRA adapter, opened lazily; `bind` checks it against a base and resolves layouts.
+
+    A `MergeSource`: it replaces the tensors it saved whole and adds a delta to the modules it adapts."""
 
     path: Path
     config: dict
@@ -234,14 +236,23 @@ def check_numbers(config: dict, path: Path) -> None:
             raise WorkbenchError(f"{key} must be true or false, not {config[key]!r}", config_file)
 
 
+MAX_RANK = 2**31 - 1  # a rank is a tensor dimension
+
+
 def _check_rank(value: object, where: str, config_file: Path) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise WorkbenchError(f"{where} must be a whole number >= 1, not {value!r}", config_file)
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_RANK:
+        raise WorkbenchError(f"{where} must be a whole number from 1 to {MAX_RANK}, not {_short(value)}", config_file)
 
 
 def _check_alpha(value: object, where: str, config_file: Path) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-        raise WorkbenchError(f"{where} must be a finite number, not {value!r}", config_file)
+    finite = isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) <= FLOAT32_MAX
+    if not finite:  # `abs(x) <= max` is False for NaN and, unlike math.isfinite, never overflows on a huge int
+        raise WorkbenchError(f"{where} must be a finite number in float32's range, not {_short(value)}", config_file)
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def pattern_value(patterns: dict | None, module: str, default: float) -> float:

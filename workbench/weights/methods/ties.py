@@ -1,36 +1,67 @@
-"""How several task vectors (deltas) of one tensor combine: linear, TIES, DARE.
+"""TIES and DARE: one generalized task arithmetic, sparsify each τ then (sign-elect and) sum.
 
 The definitions follow the TIES-Merging (Yadav et al., 2023) and DARE (Yu et al., 2023) papers as
 peft implements them in `peft.utils.merge_utils` (which `add_weighted_adapter` uses on full deltas
-for its `*_svd` combination types):
+for its `*_svd` combination types); the family is mergekit's generalized task arithmetic:
 
-- linear:      Σ wᵢ·τᵢ
 - ties:        trim each τᵢ to its top `density` fraction by magnitude (over the whole tensor), elect
                each entry's sign by the sign of Σ trimmed τᵢ, then Σ wᵢ·τᵢ over the agreeing entries
                divided by how many agree (the paper's disjoint mean, weights applied inside it)
 - dare_linear: drop each entry with probability 1 − density, rescale survivors by 1/density, Σ wᵢ·τᵢ
 - dare_ties:   DARE's drop-and-rescale, then TIES's sign election and disjoint mean
 
-Each function takes whole tensors: the trim threshold and the sign election are over the whole
-tensor, so these methods hold one full float32 delta per adapter for the tensor being merged.
-DARE's masks come from the `generator` given (see `tensor_seed`), drawn on the CPU in adapter
-order, so a seed gives the same model on any device.
+The trim threshold and the sign election are over the whole tensor, so these methods take whole
+tensors: one full float32 delta per adapter for the tensor being merged. DARE's masks come from the
+tensor's generator (`base.tensor_seed`), drawn on the CPU in adapter order, so a seed gives the same
+model on any device.
 """
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-METHODS = ("linear", "ties", "dare_linear", "dare_ties")
+from workbench.weights.methods.base import WEIGHTS, MergeMethod, Param
+from workbench.weights.methods.linear import weighted_sum
+
+DENSITY = Param("density", float, 0.5, low=0, high=1)  # the fraction of each τ kept, in (0, 1]
+SEED = Param("seed", int, 0)  # of the random drop masks
+SPARSIFY = ("magnitude", "random")
 
 
-def tensor_seed(seed: int, name: str) -> int:
-    """The seed of one tensor's DARE generator: stable across runs, machines and tensor order."""
-    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+@dataclass(frozen=True)
+class GeneralizedTaskArithmetic(MergeMethod):
+    """Sparsify each τᵢ to `density` (`magnitude`: its top entries; `random`: DARE's drop and
+    rescale, which adds `seed`), then the disjoint mean of the agreeing signs (`sign_election`) or
+    the plain weighted sum."""
+
+    name: str
+    sparsify: str
+    sign_election: bool
+
+    row_blocks = False
+
+    def __post_init__(self) -> None:
+        if self.sparsify not in SPARSIFY:
+            raise ValueError(f"sparsify must be one of {', '.join(SPARSIFY)}, not {self.sparsify!r}")
+
+    @property
+    def params(self) -> tuple[Param, ...]:
+        return (WEIGHTS, DENSITY, SEED) if self.sparsify == "random" else (WEIGHTS, DENSITY)
+
+    def combine(self, tasks: list[torch.Tensor], weights: Sequence[float], options: Mapping[str, Any],
+                generator: torch.Generator | None = None) -> torch.Tensor:
+        density = options["density"]
+        if self.sparsify == "magnitude":
+            pruned = [magnitude_prune(task, density) for task in tasks]
+        else:
+            if generator is None:
+                raise ValueError("random sparsification (DARE) needs a seeded generator")
+            pruned = [random_prune(task, density, generator) for task in tasks]
+        return disjoint_mean(pruned, weights) if self.sign_election else weighted_sum(pruned, weights)
 
 
 def magnitude_prune(tensor: torch.Tensor, density: float) -> torch.Tensor:
@@ -73,26 +104,3 @@ def disjoint_mean(tasks: Sequence[torch.Tensor], weights: Sequence[float]) -> to
         mixed += torch.where(agree, task * weight, 0.0)
         agreeing += agree
     return mixed / agreeing.clamp_(min=1.0)
-
-
-def combine(
-    method: str,
-    tasks: list[torch.Tensor],
-    weights: Sequence[float],
-    density: float,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """The merged task vector of one tensor. `tasks` (float32, same shape) are pruned in place."""
-    if method == "linear":
-        merged = torch.zeros_like(tasks[0])
-        for task, weight in zip(tasks, weights):
-            merged += task * weight
-        return merged
-    if method == "ties":
-        return disjoint_mean([magnitude_prune(t, density) for t in tasks], weights)
-    if method in ("dare_linear", "dare_ties"):
-        if generator is None:
-            raise ValueError("DARE needs a seeded generator")
-        pruned = [random_prune(t, density, generator) for t in tasks]
-        return combine("linear", pruned, weights, density) if method == "dare_linear" else disjoint_mean(pruned, weights)
-    raise ValueError(f"unknown merge method {method!r}; use one of {', '.join(METHODS)}")
