@@ -153,6 +153,19 @@ def test_trainer_log_rows_and_loss_svg(trained):
     assert "polyline" in tags and tags.count("circle") == 3
 
 
+def test_train_result_reports_one_line_on_rank_0_only(tmp_path, monkeypatch):
+    from workbench.train.run import TrainResult
+
+    metrics = {"train_loss": 0.75, "final_loss": None, "eval_loss": 0.5, "steps": 9, "tokens_per_s": 1234.4}
+    monkeypatch.delenv("RANK", raising=False)
+    result = TrainResult(metrics, tmp_path / "out")
+    assert result.lines() == [f"final loss 0.7500, eval_loss 0.5000 after 9 steps, 1,234 tokens/s; "
+                              f"adapter in {tmp_path / 'out'}"]
+    assert result.to_json() is metrics
+    monkeypatch.setenv("RANK", "1")  # another process under a launcher prints nothing, --json or not
+    assert TrainResult(metrics, tmp_path / "out").lines() == [] and TrainResult(metrics, tmp_path).to_json() is None
+
+
 def test_resume_continues_the_step_count(learn_model, learn_data, tmp_path):
     out = tmp_path / "out"
     first = run_cli(*base_args(learn_model, learn_data, out, "--epochs", "1", "--save-steps", "5"))

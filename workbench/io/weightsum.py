@@ -8,17 +8,17 @@ from __future__ import annotations
 
 import torch
 
+from workbench.io.blocks import BLOCK_ELEMENTS
 from workbench.io.reader import Checkpoint
-
-# 2M elements: a 16 MB float64 buffer the allocator reuses, instead of a fresh 64 MB one per block.
-SUM_BLOCK_ELEMENTS = 2 * 1024 * 1024
 
 
 def float64_sum(tensor: torch.Tensor) -> float:
+    """The float64 sum of every element, over blocks of BLOCK_ELEMENTS of the flat view: a 16 MB
+    float64 buffer the allocator reuses, instead of a fresh full-size one."""
     flat = tensor.reshape(-1)
     total = 0.0
-    for start in range(0, flat.numel(), SUM_BLOCK_ELEMENTS):
-        total += float(flat[start:start + SUM_BLOCK_ELEMENTS].to(torch.float64).sum())
+    for start in range(0, flat.numel(), BLOCK_ELEMENTS):
+        total += float(flat[start:start + BLOCK_ELEMENTS].to(torch.float64).sum())
     return total
 
 

@@ -27,7 +27,6 @@ from workbench.io.weightsum import float64_sum
 from workbench.progress import progress_bar
 
 DEFAULT_SHARD_SIZE = 5 * 1000**3  # "5GB", as transformers means it
-ROW_BLOCK_BYTES = 64 * 1024 * 1024
 MODEL_SIDE_FILES = (
     "config.json",
     "generation_config.json",
@@ -211,15 +210,6 @@ def _check_block(spec: TensorSpec, block: torch.Tensor, written: int) -> None:
         raise WorkbenchError(f"tensor {spec.name!r} came as {block.dtype}, expected {spec.dtype}")
     if written == 0 and tuple(block.shape) != spec.shape and tuple(block.shape[1:]) != spec.shape[1:]:
         raise WorkbenchError(f"tensor {spec.name!r} has shape {list(block.shape)}, expected {list(spec.shape)}")
-
-
-def row_blocks(shape: tuple[int, ...], dtype: torch.dtype, max_bytes: int = ROW_BLOCK_BYTES) -> list[tuple[int, int]]:
-    """Row ranges [start, stop) of at most `max_bytes` each (a whole tensor when it is small)."""
-    if not shape:
-        return [(0, 1)]
-    row_bytes = max(1, math.prod(shape[1:]) * element_size(dtype))
-    rows = max(1, max_bytes // row_bytes)
-    return [(start, min(start + rows, shape[0])) for start in range(0, shape[0], rows)] or [(0, 0)]
 
 
 def copy_side_files(source: Path, out_dir: Path) -> list[str]:

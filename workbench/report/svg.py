@@ -1,8 +1,10 @@
-"""Small hand-written inline SVG charts: diverging bars, line chart, heatmap.
+"""Small hand-written inline SVG charts: diverging bars, line chart, heatmap, and the loss curve.
 
 Every chart is built from `_el`, which escapes each attribute and text node, and returned as
 `Markup` so the (autoescaping) template embeds it as is. No `xmlns`: inline SVG in HTML5 does not
-need one, and a report must not name any URL.
+need one, and a report must not name any URL. The one loss curve, `loss_chart`, is drawn here for
+both the report and `wb train`'s loss.svg (`loss_svg`: the same chart as a file of its own, which
+does carry the namespace, the report's text styles and a white background).
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from dataclasses import dataclass
 
 from markupsafe import Markup, escape
 
+from workbench.report.load import is_number
+
 GAIN = "#1b7f3b"
 LOSS = "#c0392b"
 AXIS = "#6b7280"
@@ -20,6 +24,9 @@ GRID = "#e5e7eb"
 SERIES_COLOURS = ("#2563eb", "#d97706", "#059669", "#7c3aed", "#db2777")
 HEAT_LOW = (247, 251, 255)
 HEAT_HIGH = (8, 48, 107)
+LINE_WIDTH, LINE_HEIGHT = 760, 300
+SVG_NAMESPACE = "http://www.w3.org/2000/svg"  # a standalone file needs it; inline SVG in a report must not
+STANDALONE_STYLE = f"text {{ font: 11px sans-serif; fill: #374151; }} text.axis {{ fill: {AXIS}; }}"
 
 
 def _el(tag: str, attrs: dict[str, object] | None = None, *children: str | Markup) -> Markup:
@@ -34,9 +41,16 @@ def _num(value: float) -> str:
     return f"{value:.2f}".rstrip("0").rstrip(".")
 
 
-def _svg(width: float, height: float, label: str, *children: Markup) -> Markup:
-    return _el("svg", {"viewBox": f"0 0 {_num(width)} {_num(height)}", "width": _num(width), "role": "img",
-                       "aria_label": label, "class": "chart"}, _el("title", None, label), *children)
+def _svg(width: float, height: float, label: str, *children: Markup, standalone: bool = False) -> Markup:
+    """The chart's root; `standalone` makes it an SVG file: namespace, height, styles, white behind, visible title."""
+    attrs = {"viewBox": f"0 0 {_num(width)} {_num(height)}", "width": _num(width), "role": "img",
+             "aria_label": label, "class": "chart"}
+    if not standalone:
+        return _el("svg", attrs, _el("title", None, label), *children)
+    return _el("svg", {"xmlns": SVG_NAMESPACE, **attrs, "height": _num(height)}, _el("title", None, label),
+               _el("style", None, Markup(STANDALONE_STYLE)),
+               _el("rect", {"width": "100%", "height": "100%", "fill": "white"}),
+               _el("text", {"x": _num(width - 16), "y": 14, "text_anchor": "end"}, label), *children)
 
 
 def nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
@@ -115,7 +129,7 @@ class Series:
 
 
 def line_chart(series: Sequence[Series], label: str, x_label: str, y_label: str,
-               width: int = 760, height: int = 300) -> Markup:
+               width: int = LINE_WIDTH, height: int = LINE_HEIGHT, standalone: bool = False) -> Markup:
     """Lines (or lines with markers) on shared axes, with round ticks, grid and a legend."""
     left, right, top, bottom = 64, 16, 28, 44
     xs = [x for s in series for x, _ in s.points]
@@ -158,7 +172,28 @@ def line_chart(series: Sequence[Series], label: str, x_label: str, y_label: str,
         parts.append(_el("rect", {"x": legend_x, "y": 8, "width": 14, "height": 4, "fill": colour}))
         parts.append(_el("text", {"x": legend_x + 18, "y": 14, "class": "axis"}, item.name))
         legend_x += 26 + 7 * len(item.name)
-    return _svg(width, height, label, *parts)
+    return _svg(width, height, label, *parts, standalone=standalone)
+
+
+def loss_chart(rows: Sequence[dict], label: str, standalone: bool = False) -> Markup | None:
+    """The loss curve of trainer_log.jsonl rows: train loss as a line, eval loss as dots; None when
+    no loss was logged."""
+    train = [(row["step"], row["loss"]) for row in rows if is_number(row.get("loss"))]
+    evals = [(row["step"], row["eval_loss"]) for row in rows if is_number(row.get("eval_loss"))]
+    series = [Series("train loss", train)] if train else []
+    if evals:
+        series.append(Series("eval loss", evals, markers=True))
+    return line_chart(series, label, "step", "loss", standalone=standalone) if series else None
+
+
+def loss_svg(rows: Sequence[dict], label: str) -> str:
+    """`wb train`'s loss.svg: `loss_chart` as an SVG file of its own; an empty plot says so."""
+    chart = loss_chart(rows, label, standalone=True)
+    if chart is None:
+        note = _el("text", {"x": _num(LINE_WIDTH / 2), "y": _num(LINE_HEIGHT / 2), "text_anchor": "middle",
+                            "class": "axis"}, "no loss was logged")
+        chart = _svg(LINE_WIDTH, LINE_HEIGHT, label, note, standalone=True)
+    return str(chart) + "\n"
 
 
 def heat_colour(fraction: float) -> str:

@@ -1,8 +1,8 @@
 """Relative weight change ‖ΔW‖/‖W‖ per layer and module, streamed one tensor (block) at a time.
 
 Both checkpoints are opened through the io layer, so tensors are read-only views of mapped files;
-squared norms are accumulated in float64 over blocks of at most `BLOCK_ELEMENTS` elements, which
-bounds memory by a few blocks whatever the model size.
+squared norms are accumulated in float64 over blocks of at most `io.blocks.BLOCK_ELEMENTS` elements,
+which bounds memory by a few blocks whatever the model size.
 """
 
 from __future__ import annotations
@@ -14,14 +14,14 @@ from typing import Any
 
 import torch
 
-from workbench.weights.checksum import checksum
 from workbench.errors import WorkbenchError
+from workbench.io.blocks import BLOCK_ELEMENTS
 from workbench.io.reader import Checkpoint, open_checkpoint
 from workbench.io.weightsum import float64_sum
 from workbench.progress import progress_bar
+from workbench.provenance import weight_fingerprints
 from workbench.report.load import load_side_record
 
-BLOCK_ELEMENTS = 4 * 1024 * 1024
 _LAYER = re.compile(r"(?:^|\.)(?:layers|layer|h|blocks|block)\.(\d+)\.(.+)$")
 _PARAM_SUFFIXES = (".weight", ".bias")
 
@@ -113,10 +113,10 @@ def tensor_norms(base: torch.Tensor, tuned: torch.Tensor) -> Norms:
 def fingerprint(name: str, path: Path) -> ModelWeights:
     """sha256 of every weight file, as `wb checksum --algo sha256` reports them. The weight-sum is
     not taken here: `compare_weights` takes it in its own pass over the tensors."""
-    result = checksum(path, algo="sha256")
+    files = weight_fingerprints(path)
     with open_checkpoint(path) as ckpt:
         fmt, tensors = ckpt.format, len(ckpt)
-    return ModelWeights(name, path, result.files, None, fmt, tensors, load_side_record(path))
+    return ModelWeights(name, path, files, None, fmt, tensors, load_side_record(path))
 
 
 def compare_weights(base: ModelWeights, tuned: ModelWeights) -> WeightComparison:

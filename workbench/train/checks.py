@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from workbench.io.blocks import row_blocks
+
 NEAR_ZERO = 0.05  # a row norm below this fraction of the median row norm is "near zero"
 
 
@@ -35,7 +37,8 @@ def untrained_special_tokens(model, token_ids: list[int], tokenizer) -> list[str
 
 
 def _suspects(weight: torch.Tensor, ids: list[int]) -> set[int]:
-    norms = torch.cat([block.float().norm(dim=1) for block in weight.split(8192)])  # no full fp32 copy
+    blocks = row_blocks(tuple(weight.shape))  # no full fp32 copy
+    norms = torch.cat([weight[start:stop].float().norm(dim=1) for start, stop in blocks])
     reference = float(norms.median())
     rows = weight[ids].float()
     suspects = {t for t, norm in zip(ids, norms[ids].tolist()) if norm <= NEAR_ZERO * reference}

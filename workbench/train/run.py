@@ -1,5 +1,20 @@
 """`wb train`: LoRA supervised fine-tuning, with the outputs people need to trust the result.
 
+`train()` checks and resolves its settings (`_resolve`: nothing is loaded before the device, the
+dtype and DIR are known to be usable), then runs four stages, each a function of this module that
+reads on its own (torchtune's recipes are the model):
+
+1. `load_data`: records -> conversations -> chat template -> input_ids + labels, split into train
+   and validation (`Data`, with the tokenizer that encoded them).
+2. `build_model`: TrainingArguments (before the model: ZeRO-3 partitions it while it loads), the
+   base model in the compute dtype, LoRA layers on it and the Trainer around them (`Model`).
+3. `fit`: the Trainer's loop, stopped by a non-finite loss before the optimizer applies it, then a
+   last evaluation when the final step had none (`Fitted`).
+4. `save`: the adapter and tokenizer, checked, and the records beside them, moved into DIR
+   (`TrainResult`: the metrics and the lines `wb train` prints).
+
+Between stages 2 and 3 rank 0 creates DIR; from there a failure cleans up after itself (below).
+
 DIR layout. Checkpoints must outlive a failed run (that is what --resume and the NaN guard rail keep),
 so DIR is created when training starts and holds `checkpoints/checkpoint-<step>/` (the Trainer's own
 layout, optimizer state included). The final files (adapter, tokenizer, train_args.json,
@@ -10,33 +25,36 @@ run. A failed run that wrote no checkpoint leaves no DIR at all. Only rank 0 wri
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import json
 import math
 import os
-import platform
 import random
 import re
 import shutil
 import sys
 import time
 import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import torch
 
 import workbench
 from workbench.dtypes import resolve_compute_dtype, resolve_device
 from workbench.errors import WorkbenchError
+from workbench.io.reader import open_checkpoint
 from workbench.outputs import check_not_input
+from workbench.provenance import versions, weight_fingerprints
+from workbench.report.svg import loss_svg
 from workbench.train.checks import untrained_special_tokens
-from workbench.train.data import load_conversations
-from workbench.train.encode import encode_all
+from workbench.train.data import LoadedData, load_conversations
+from workbench.train.encode import EncodedSet, encode_all
 from workbench.train.launch import config_file
-from workbench.train.plot import loss_svg
-from workbench.train.templates import resolve_template
+from workbench.train.templates import ChatTemplate, resolve_template
 
 FP16_REFUSED = (
     "fp16 training is refused: on these models (Llama, Qwen) fp16 activations overflow and the loss turns NaN "
@@ -46,6 +64,86 @@ STAGING = ".wb-tmp-final"
 DROPPED_FROM_ADAPTER = ("README.md", "training_args.bin")  # PEFT's placeholder card; a pickle of the Trainer args
 VERSIONED = ("torch", "transformers", "peft", "accelerate", "deepspeed")
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+@dataclass
+class Run:
+    """What every stage reads: the settings, checked and resolved before anything is loaded."""
+
+    base: str
+    data: list[Path]
+    out: Path
+    options: dict  # as given, with resolved values replacing some; recorded in train_args.json
+    device: torch.device
+    compute: torch.dtype
+    resume_from: Path | None  # the checkpoint --resume continues from
+    command: str | None
+    started: datetime
+    clock: float  # time.perf_counter() at the start, for total_runtime_s
+
+
+@dataclass
+class Data:
+    """The data stage's result: examples split into train and validation, and the tokenizer that
+    encoded them (holding the chat template it used and a pad token)."""
+
+    loaded: LoadedData
+    encoded: EncodedSet
+    chat: ChatTemplate
+    tokenizer: Any
+    train: list[dict]
+    val: list[dict]
+
+    @property
+    def notes(self) -> list[str]:
+        """The records dropped on the way, as warnings."""
+        dropped = [item for f in self.loaded.files for item in f.dropped.items()] + [*self.encoded.dropped.items()]
+        return [f"dropped {n} record(s): {reason}" for reason, n in dropped]
+
+
+@dataclass
+class Model:
+    """The model stage's result: the LoRA model, the Trainer that will fit it, and on how many processes."""
+
+    peft: Any  # the base model with LoRA layers (a peft.PeftModel)
+    trainer: Any  # a WbTrainer
+    main: bool  # rank 0: the one process that prints and writes files
+    world: int  # processes training together
+    say: Callable[[str], None]  # prints on rank 0 only
+    trainable: int
+    total: int
+    fingerprint: dict | None  # sha256 of the base's weight files (taken on rank 0 only)
+    notes: list[str]  # warnings so far: dropped records, untrained template tokens
+
+
+@dataclass
+class Fitted:
+    """The fit stage's result: the Trainer's own summary and the tokens trained on in this session."""
+
+    train_metrics: dict
+    tokens: int
+
+
+@dataclass
+class TrainResult:
+    """What `train()` returns: the final metrics (metrics.json) and what `wb train` prints of them.
+    Under a launcher only rank 0 reports: elsewhere `lines()` is empty and `to_json()` is None."""
+
+    metrics: dict
+    out: Path
+    reports: bool = field(default_factory=lambda: os.environ.get("RANK", "0") == "0")  # rank 0, or no launcher
+
+    def lines(self) -> list[str]:
+        if not self.reports:
+            return []
+        m = self.metrics
+        evaluated = f", eval_loss {m['eval_loss']:.4f}" if m["eval_loss"] is not None else ""
+        loss = m["final_loss"] if m["final_loss"] is not None else m["train_loss"]
+        return [f"final loss {loss:.4f}{evaluated} after {m['steps']} steps, {m['tokens_per_s']:,.0f} tokens/s; "
+                f"adapter in {self.out}"]
+
+    def to_json(self) -> dict | None:
+        return self.metrics if self.reports else None
 
 
 def train(
@@ -83,120 +181,165 @@ def train(
     trust_remote_code: bool = False,
     strategy: str | None = None,
     command: str | None = None,
-) -> dict:
-    """Train a LoRA adapter of `base` on `data`; write DIR=`out`; return the final metrics."""
-    options = dict(locals())  # the settings as given; resolved values replace some below
-    del options["command"]
-    started, clock = datetime.now(timezone.utc), time.perf_counter()
-    out, data = Path(out), [Path(p) for p in data]
-    options.update(base=str(base), out=str(out), data=[str(p) for p in data])
-    if strategy and not _under_launcher():
-        raise WorkbenchError(f"--strategy {strategy} needs several processes: add --nproc N (or use accelerate launch)")
-    run_device = resolve_device(device)
-    compute = resolve_compute_dtype(dtype, run_device)
-    _check_dtype(compute, run_device, allow_fp16)
-    check_not_input(out, [base if Path(base).exists() else None, *data])
-    resume_from = _resume_point(out, resume, force)
-    options.update(device=run_device.type, dtype=_dtype_name(compute), lora_alpha=lora_alpha or 2 * lora_r,
-                   eval_steps=eval_steps or save_steps)
+) -> TrainResult:
+    """Train a LoRA adapter of `base` on `data` and write DIR=`out`: settings, then data -> model -> fit -> save."""
+    run = _resolve(dict(locals()))
+    dataset = load_data(run)
+    model = build_model(run, dataset)
+    _make_out(run, model)
+    with _cleanup_on_failure(run, model.main):
+        fitted = fit(run, dataset, model)
+        result = save(run, dataset, model, fitted)
+    model.say(f"wrote {run.out}")
+    return result
 
+
+def _resolve(given: dict) -> Run:
+    """Check and resolve the settings (processes, device, dtype, DIR, the checkpoint to resume)."""
+    options = dict(given)  # the settings as given; resolved values replace some below
+    command = options.pop("command")
+    started, clock = datetime.now(timezone.utc), time.perf_counter()
+    base, out, data = given["base"], Path(given["out"]), [Path(p) for p in given["data"]]
+    options.update(base=str(base), out=str(out), data=[str(p) for p in data])
+    if options["strategy"] and not _under_launcher():
+        raise WorkbenchError(f"--strategy {options['strategy']} needs several processes: add --nproc N "
+                             "(or use accelerate launch)")
+    run_device = resolve_device(options["device"])
+    compute = resolve_compute_dtype(options["dtype"], run_device)
+    _check_dtype(compute, run_device, options["allow_fp16"])
+    check_not_input(out, [base if Path(base).exists() else None, *data])
+    resume_from = _resume_point(out, options["resume"], options["force"])
+    options.update(device=run_device.type, dtype=_dtype_name(compute),
+                   lora_alpha=options["lora_alpha"] or 2 * options["lora_r"],
+                   eval_steps=options["eval_steps"] or options["save_steps"])
+    return Run(base, data, out, options, run_device, compute, resume_from, command, started, clock)
+
+
+def load_data(run: Run) -> Data:
+    """Data stage: records -> conversations (data.py) -> the chat template (templates.py) -> input_ids
+    and labels (encode.py), split into train and validation. The tokenizer is loaded here and keeps
+    the template it encoded with, so the saved tokenizer renders prompts as training did."""
+    o = run.options
     if not sys.stderr.isatty():  # no download/loading bars in logs
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    loaded = load_conversations(data, fmt, columns, max_samples)
-    tokenizer = _load_tokenizer(base, trust_remote_code)
-    chat = resolve_template(template, tokenizer, base)
-    encoded = encode_all(loaded.conversations, chat, tokenizer, cutoff_len, train_on_prompt)
+    loaded = load_conversations(run.data, o["fmt"], o["columns"], o["max_samples"])
+    tokenizer = _load_tokenizer(run.base, o["trust_remote_code"])
+    chat = resolve_template(o["template"], tokenizer, run.base)
+    encoded = encode_all(loaded.conversations, chat, tokenizer, o["cutoff_len"], o["train_on_prompt"])
     if not encoded.examples:
         detail = "; ".join(f"{r} ({n})" for r, n in encoded.dropped.most_common())
-        raise WorkbenchError(f"the dataset is empty after filtering: {detail}", ",".join(map(str, data)))
-    train_set, val_set = _split(encoded.examples, val_size, seed)
+        raise WorkbenchError(f"the dataset is empty after filtering: {detail}", ",".join(map(str, run.data)))
+    train_set, val_set = _split(encoded.examples, o["val_size"], o["seed"])
     if chat.name != "auto":
-        tokenizer.chat_template = chat.source  # the saved tokenizer renders prompts as training did
+        tokenizer.chat_template = chat.source
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token or chat.eot_token
+    return Data(loaded, encoded, chat, tokenizer, train_set, val_set)
 
-    args = _training_arguments(out, options, compute, run_device, bool(val_set), strategy)
-    main = args.process_index == 0
+
+def build_model(run: Run, data: Data) -> Model:
+    """Model stage: TrainingArguments first (under ZeRO-3 they make the model load partitioned), then
+    the base model in the compute dtype, LoRA layers on it and the Trainer around them. Says what
+    will be trained; rank 0 takes the base's fingerprint before loading it."""
+    o = run.options
+    args = _training_arguments(run.out, o, run.compute, run.device, bool(data.val), o["strategy"])
+    main, world = args.process_index == 0, args.world_size
     say = _say if main else _quiet
-    world = args.world_size
-    _check_accumulation(len(train_set), batch_size, world, grad_accum)
-    notes = [f"dropped {n} record(s): {reason}" for f in loaded.files for reason, n in f.dropped.items()]
-    notes += [f"dropped {n} record(s): {reason}" for reason, n in encoded.dropped.items()]
-    _describe(say, loaded, encoded, chat, len(train_set), len(val_set), cutoff_len)
-    say(f"world size {world}, global batch {batch_size * grad_accum * world} "
-        f"(batch {batch_size} x grad-accum {grad_accum} x {world} process{'es' if world > 1 else ''})")
-    fingerprint = _fingerprint(base) if main else None
-
-    model = _load_model(base, compute, strategy, trust_remote_code, gradient_checkpointing)
-    notes += untrained_special_tokens(model, chat.special_ids, tokenizer)
-    model = _add_lora(model, options, seed)
-    trainable, total = model.get_nb_trainable_parameters()
-    say(f"LoRA r={lora_r} alpha={options['lora_alpha']} on {lora_target}: {trainable:,} trainable of {total:,} "
-        f"parameters; {_dtype_name(compute)} on {run_device.type}")
+    _check_accumulation(len(data.train), o["batch_size"], world, o["grad_accum"])
+    _describe(say, data, o, world)
+    fingerprint = _fingerprint(run.base) if main else None
+    base = _load_model(run.base, run.compute, o["strategy"], o["trust_remote_code"], o["gradient_checkpointing"])
+    notes = data.notes + untrained_special_tokens(base, data.chat.special_ids, data.tokenizer)
+    peft = _add_lora(base, o, o["seed"])
+    trainable, total = peft.get_nb_trainable_parameters()
+    say(f"LoRA r={o['lora_r']} alpha={o['lora_alpha']} on {o['lora_target']}: {trainable:,} trainable of {total:,} "
+        f"parameters; {_dtype_name(run.compute)} on {run.device.type}")
     for line in notes:
         say(f"warning: {line}")
+    trainer = _trainer(peft, args, data, run.device, say)
+    return Model(peft, trainer, main, world, say, trainable, total, fingerprint, notes)
 
-    from workbench.train.trainer import NonFiniteLoss, PadCollator, WbTrainer
 
-    trainer = WbTrainer(
-        model=model,
-        args=args,
-        train_dataset=train_set,
-        eval_dataset=val_set or None,
-        data_collator=PadCollator(tokenizer.pad_token_id, 8 if run_device.type == "cuda" else 1),
-        processing_class=tokenizer,
-        echo=say,
-    )
-    if main:
-        _prepare_out(out, force, resume_from is not None)
-    trainer.accelerator.wait_for_everyone()
+def fit(run: Run, data: Data, model: Model) -> Fitted:
+    """Fit stage: the Trainer's loop, from the start or from --resume's checkpoint; a non-finite loss
+    stops it and names the last good checkpoint. A validation set is evaluated at the end when the
+    last step was not; the tokens are summed over all ranks."""
+    from workbench.train.trainer import NonFiniteLoss
+
+    trainer = model.trainer
     try:
-        try:
-            result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
-        except NonFiniteLoss as exc:
-            raise WorkbenchError(_non_finite_message(exc, out / "checkpoints", main, save_steps), out) from None
-        history = trainer.state.log_history
-        if val_set and not any("eval_loss" in e and e["step"] == trainer.state.global_step for e in history):
-            trainer.evaluate()
-        tokens = trainer.session_tokens + trainer.flush_tokens()
-        staging = out / STAGING
-        if main:
-            shutil.rmtree(staging, ignore_errors=True)
-        trainer.save_model(str(staging))  # every rank: under ZeRO-3 this gathers the sharded adapter
-        metrics = _metrics(trainer, result.metrics, tokens, len(train_set), len(val_set), world, options, notes,
-                           resume_from)
-        if main:
-            _check_adapter(staging)
-            provenance = {
-                "wb_version": workbench.__version__,
-                "command": command,
-                "started": started.isoformat(timespec="seconds"),
-                "options": options,
-                "base": {"path": str(base), "model_type": getattr(model.config, "model_type", None),
-                         "fingerprint": fingerprint},
-                "data": {**loaded.summary(), "encoded": encoded.summary(), "train": len(train_set), "val": len(val_set)},
-                "template": {"name": chat.name, "end_of_turn": chat.eot_token,
-                             "special_tokens": tokenizer.convert_ids_to_tokens(chat.special_ids)},
-                "lora": {"trainable_params": trainable, "total_params": total},
-                "distributed": {"world_size": world, "global_batch": metrics["global_batch"], "strategy": strategy},
-                "versions": _versions(),
-                "resumed_from": str(resume_from) if resume_from else None,
-            }
-            metrics["total_runtime_s"] = round(time.perf_counter() - clock, 3)
-            _write_outputs(staging, out, provenance, _log_rows(trainer.state.log_history, trainer.state.max_steps),
-                           metrics)
-        trainer.accelerator.wait_for_everyone()
+        result = trainer.train(resume_from_checkpoint=str(run.resume_from) if run.resume_from else None)
+    except NonFiniteLoss as exc:
+        message = _non_finite_message(exc, run.out / "checkpoints", model.main, run.options["save_steps"])
+        raise WorkbenchError(message, run.out) from None
+    history = trainer.state.log_history
+    if data.val and not any("eval_loss" in e and e["step"] == trainer.state.global_step for e in history):
+        trainer.evaluate()
+    return Fitted(result.metrics, trainer.session_tokens + trainer.flush_tokens())
+
+
+def save(run: Run, data: Data, model: Model, fitted: Fitted) -> TrainResult:
+    """Save stage: the adapter and tokenizer into DIR's staging folder (on every rank: under ZeRO-3
+    this gathers the sharded adapter); on rank 0 the adapter checked, train_args.json,
+    trainer_log.jsonl, loss.svg and metrics.json written beside it and all moved into DIR."""
+    trainer = model.trainer
+    staging = run.out / STAGING
+    if model.main:
+        shutil.rmtree(staging, ignore_errors=True)
+    trainer.save_model(str(staging))
+    metrics = _metrics(run, data, model, fitted)
+    if model.main:
+        _check_adapter(staging)
+        provenance = _provenance(run, data, model, metrics)
+        metrics["total_runtime_s"] = round(time.perf_counter() - run.clock, 3)
+        _write_outputs(staging, run.out, provenance, _log_rows(trainer.state.log_history, trainer.state.max_steps),
+                       metrics)
+    trainer.accelerator.wait_for_everyone()
+    return TrainResult(metrics, run.out)
+
+
+def _make_out(run: Run, model: Model) -> None:
+    """Rank 0 creates DIR/checkpoints (after removing an existing DIR for --force); the others wait."""
+    if model.main:
+        _prepare_out(run.out, run.options["force"], run.resume_from is not None)
+    model.trainer.accelerator.wait_for_everyone()
+
+
+@contextlib.contextmanager
+def _cleanup_on_failure(run: Run, main: bool) -> Iterator[None]:
+    """On any failure, Ctrl-C included, rank 0 removes the staging folder, and DIR too when it is this
+    run's and holds no checkpoint."""
+    try:
+        yield
     except BaseException:
         if main:
-            shutil.rmtree(out / STAGING, ignore_errors=True)
-            if resume_from is None and _last_checkpoint(out / "checkpoints") is None:  # DIR is this run's
-                shutil.rmtree(out, ignore_errors=True)
+            shutil.rmtree(run.out / STAGING, ignore_errors=True)
+            if run.resume_from is None and _last_checkpoint(run.out / "checkpoints") is None:  # DIR is this run's
+                shutil.rmtree(run.out, ignore_errors=True)
         raise
-    say(f"wrote {out}")
-    return metrics
 
+
+def _provenance(run: Run, data: Data, model: Model, metrics: dict) -> dict:
+    """train_args.json: how this adapter was made."""
+    return {
+        "wb_version": workbench.__version__,
+        "command": run.command,
+        "started": run.started.isoformat(timespec="seconds"),
+        "options": run.options,
+        "base": {"path": str(run.base), "model_type": getattr(model.peft.config, "model_type", None),
+                 "fingerprint": model.fingerprint},
+        "data": {**data.loaded.summary(), "encoded": data.encoded.summary(), "train": len(data.train),
+                 "val": len(data.val)},
+        "template": {"name": data.chat.name, "end_of_turn": data.chat.eot_token,
+                     "special_tokens": data.tokenizer.convert_ids_to_tokens(data.chat.special_ids)},
+        "lora": {"trainable_params": model.trainable, "total_params": model.total},
+        "distributed": {"world_size": model.world, "global_batch": metrics["global_batch"],
+                        "strategy": run.options["strategy"]},
+        "versions": versions(VERSIONED),
+        "resumed_from": str(run.resume_from) if run.resume_from else None,
+    }
 
 def _under_launcher() -> bool:
     return "LOCAL_RANK" in os.environ or int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -328,7 +471,7 @@ def _training_arguments(out: Path, o: dict, compute: torch.dtype, device: torch.
     """TrainingArguments; created before the model so that ZeRO-3 can partition it while loading."""
     from transformers import TrainingArguments
 
-    known = {f.name for f in dataclasses.fields(TrainingArguments)}
+    known = {f.name for f in fields(TrainingArguments)}
     checkpointing = "activation_checkpointing" if "activation_checkpointing" in known else "gradient_checkpointing"
     warmup = {"warmup_ratio": o["warmup_ratio"]} if "warmup_ratio" in known else {"warmup_steps": o["warmup_ratio"]}
     try:
@@ -367,8 +510,6 @@ def _training_arguments(out: Path, o: dict, compute: torch.dtype, device: torch.
 
 def _fingerprint(base: str) -> dict:
     """sha256 of the base model's weight files (a local folder, or the hub cache's snapshot)."""
-    from workbench.weights.checksum import checksum
-
     folder = Path(base)
     if not folder.exists():
         try:
@@ -377,38 +518,47 @@ def _fingerprint(base: str) -> dict:
             folder = Path(snapshot_download(base, local_files_only=True))
         except Exception as exc:  # noqa: BLE001 - provenance must not stop a run that loaded the model
             return {"algo": "sha256", "files": None, "error": f"{type(exc).__name__}: {exc}"}
-    result = checksum(folder, algo="sha256")
-    return {"algo": "sha256", "files": result.files}
+    return {"algo": "sha256", "files": weight_fingerprints(folder)}
 
 
-def _versions() -> dict:
-    found = {"wb": workbench.__version__, "python": platform.python_version()}
-    for name in VERSIONED:
-        try:
-            found[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            found[name] = None
-    return found
-
-
-def _describe(say, loaded, encoded, chat, n_train: int, n_val: int, cutoff_len: int) -> None:
-    for f in loaded.files:
+def _describe(say, data: Data, o: dict, world: int) -> None:
+    """What will be trained on, and by how many processes."""
+    for f in data.loaded.files:
         say(f"data: {f.path}: {f.records} records ({f.format}), {f.kept} kept")
-    say(f"template: {chat.name} (end of turn {chat.eot_token}); {len(encoded.examples)} examples: {n_train} train, "
-        f"{n_val} validation; {encoded.truncated} truncated to {cutoff_len} tokens")
+    say(f"template: {data.chat.name} (end of turn {data.chat.eot_token}); {len(data.encoded.examples)} examples: "
+        f"{len(data.train)} train, {len(data.val)} validation; {data.encoded.truncated} truncated to "
+        f"{o['cutoff_len']} tokens")
+    say(f"world size {world}, global batch {o['batch_size'] * o['grad_accum'] * world} "
+        f"(batch {o['batch_size']} x grad-accum {o['grad_accum']} x {world} process{'es' if world > 1 else ''})")
 
 
-def _metrics(trainer, train_metrics: dict, tokens: int, n_train: int, n_val: int, world: int, o: dict,
-             notes: list[str], resume_from: Path | None) -> dict:
+def _trainer(model, args, data: Data, device: torch.device, say: Callable[[str], None]):
+    """The WbTrainer: right-padding to a multiple of 8 on CUDA, the tokenizer saved beside the adapter."""
+    from workbench.train.trainer import PadCollator, WbTrainer
+
+    return WbTrainer(
+        model=model,
+        args=args,
+        train_dataset=data.train,
+        eval_dataset=data.val or None,
+        data_collator=PadCollator(data.tokenizer.pad_token_id, 8 if device.type == "cuda" else 1),
+        processing_class=data.tokenizer,
+        echo=say,
+    )
+
+
+def _metrics(run: Run, data: Data, model: Model, fitted: Fitted) -> dict:
+    """metrics.json (and what `wb train --json` prints)."""
+    trainer, o, world, tokens = model.trainer, run.options, model.world, fitted.tokens
     history = trainer.state.log_history
     losses = [e["loss"] for e in history if "loss" in e]
     evals = [e["eval_loss"] for e in history if "eval_loss" in e]
-    runtime = train_metrics.get("train_runtime", 0.0)
+    runtime = fitted.train_metrics.get("train_runtime", 0.0)
     peak = None
     if torch.cuda.is_available() and trainer.args.device.type == "cuda":
         peak = round(torch.cuda.max_memory_allocated(trainer.args.device) / 2**30, 3)
     return {
-        "train_loss": train_metrics.get("train_loss"),
+        "train_loss": fitted.train_metrics.get("train_loss"),
         "final_loss": losses[-1] if losses else None,
         "eval_loss": evals[-1] if evals else None,
         "train_runtime_s": round(runtime, 3),
@@ -417,13 +567,13 @@ def _metrics(trainer, train_metrics: dict, tokens: int, n_train: int, n_val: int
         "steps": trainer.state.global_step,
         "total_steps": trainer.state.max_steps,
         "epochs": trainer.state.epoch,
-        "train_samples": n_train,
-        "val_samples": n_val,
+        "train_samples": len(data.train),
+        "val_samples": len(data.val),
         "world_size": world,
         "global_batch": o["batch_size"] * o["grad_accum"] * world,
         "peak_gpu_memory_gb": peak,
-        "resumed_from": resume_from.name if resume_from else None,
-        "warnings": notes,
+        "resumed_from": run.resume_from.name if run.resume_from else None,
+        "warnings": model.notes,
     }
 
 
@@ -446,13 +596,11 @@ def _log_rows(history: list[dict], total_steps: int) -> list[dict]:
 
 def _check_adapter(folder: Path) -> None:
     """Refuse an adapter without weights (what a ZeRO-3 save without gathering writes)."""
-    from safetensors import safe_open
-
     path = folder / "adapter_model.safetensors"
     if not path.is_file():
         raise WorkbenchError("the adapter was not saved (no adapter_model.safetensors)", folder)
-    with safe_open(str(path), framework="pt") as handle:
-        shapes = [handle.get_slice(name).get_shape() for name in handle.keys()]
+    with open_checkpoint(path) as adapter:  # the header only: shapes, no tensor data
+        shapes = [info.shape for info in adapter.infos.values()]
     if not shapes or any(math.prod(shape) == 0 for shape in shapes):
         raise WorkbenchError("the saved adapter is empty (partitioned weights were not gathered)", path)
 

@@ -22,6 +22,7 @@ import torch
 
 from workbench.dtypes import TORCH_TO_SAFETENSORS
 from workbench.errors import WorkbenchError
+from workbench.io.blocks import row_blocks
 from workbench.io.jsonfile import read_json
 from workbench.io.paths import check_member_name
 
@@ -29,10 +30,6 @@ FORMAT_VERSION = 1
 META_FILE = "weight_diff.json"
 FIXUPS_FILE = "weight_diff_fixups.safetensors"
 RESIZE_RULE = "mean"  # new rows = mean of the existing rows (Alpaca's smart_tokenizer_and_embedding_resize)
-# Rows per block follow from this and the shape only (never the dtype), so diff and recover cut
-# tensors alike. 2M elements keeps every temporary (up to 16 MB in float64) under glibc's mmap
-# threshold: freed blocks are reused from the heap instead of being page-faulted in afresh.
-BLOCK_ELEMENTS = 2 * 1024 * 1024
 
 # Tensors whose first dimension is the vocabulary: the only ones a resize may grow.
 VOCAB_TENSORS = (
@@ -115,17 +112,6 @@ def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
     return dtypes[-1]
 
 
-def row_ranges(shape: tuple[int, ...]) -> list[tuple[int, int]]:
-    """[start, stop) row blocks of about BLOCK_ELEMENTS; one block for scalars and small tensors."""
-    if not shape:
-        return [(0, 1)]
-    row = 1
-    for dim in shape[1:]:
-        row *= dim
-    rows = max(1, BLOCK_ELEMENTS // max(1, row))
-    return [(s, min(s + rows, shape[0])) for s in range(0, shape[0], rows)] or [(0, 0)]
-
-
 def rows_of(tensor: torch.Tensor, start: int, stop: int) -> torch.Tensor:
     return tensor if tensor.dim() == 0 else tensor[start:stop]
 
@@ -163,7 +149,7 @@ def mean_row(tensor: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
     """The mean of all rows, shape (1, ...), in `acc`: summed in float64 in a fixed order (pairwise
     within a block, blocks in turn, elementwise adds only) so every machine gets the same bits."""
     total = torch.zeros(tensor.shape[1:], dtype=torch.float64)
-    for start, stop in row_ranges(tuple(tensor.shape)):
+    for start, stop in row_blocks(tuple(tensor.shape)):  # the cut diff and recover share
         block = tensor[start:stop].to(torch.float64)
         while block.shape[0] > 1:
             half = block.shape[0] // 2
