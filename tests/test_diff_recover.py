@@ -123,7 +123,7 @@ def test_round_trip_is_bit_exact(tiny_models, tmp_path, layout, dtype, tie, adde
     report = json.loads(result.stdout)
     out = tmp_path / "out"
     assert_bit_equal(load(out), tuned)
-    assert {p.name for p in out.iterdir()} == set(report["files"]) | SIDE_FILES | (
+    assert {p.name for p in out.iterdir()} == set(report["files"]) | SIDE_FILES | {"recover.json"} | (
         {"model.safetensors.index.json"} if tuned_layout == "safetensors-sharded" else set())
     if tuned_layout.startswith("safetensors"):  # the very same files, byte for byte
         assert weight_files(out) == weight_files(tmp_path / "tuned")
@@ -225,7 +225,7 @@ def test_alpaca_style_diff_recovers_and_passes_expect_sum(tmp_path):
     for name, tensor in tuned.items():
         assert found[name].dtype == torch.float32
         torch.testing.assert_close(found[name], tensor, atol=1e-6, rtol=0)
-    assert {p.name for p in out.iterdir()} == {"model.safetensors", "config.json"}
+    assert {p.name for p in out.iterdir()} == {"model.safetensors", "config.json", "recover.json"}
 
     result = run("recover", "--base", tmp_path / "raw", "--diff", tmp_path / "diff", "--out", tmp_path / "bad",
                  "--expect-sum", f"{weight_sum + 1:.4f}")

@@ -196,8 +196,8 @@ def cache_dir() -> Path:
 
 def default_base(runner: StepRunner, cache: Path) -> Path:
     """The packaged SmolLM2 converted once into `cache`; later runs re-use the folder."""
-    from workbench.weights.gguf_import import check_gguf_file, default_gguf
     from workbench.io.hashing import sha256_file
+    from workbench.weights.gguf_import import check_gguf_file, default_gguf
 
     gguf = default_gguf()
     check_gguf_file(gguf)

@@ -20,10 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from workbench.weights.checksum import checksum
 from workbench.errors import WorkbenchError
+from workbench.evals.tasks import canonical
 from workbench.io.hashing import sha256_file
 from workbench.outputs import check_not_input
+from workbench.provenance import versions, weight_fingerprints
 from workbench.report.load import ModelResults, load_results
 from workbench.report.render import render_report
 
@@ -51,6 +52,9 @@ class CompareResult:
     def to_json(self) -> dict[str, Any]:
         return {"report": str(self.report), "results": [str(p) for p in self.results],
                 "evaluated": self.evaluated, "reused": self.reused}
+
+    def lines(self) -> list[str]:
+        return [str(self.report)]
 
 
 def candidates(base: Path, tuned: Sequence[Path], adapters: Sequence[Path]) -> list[Candidate]:
@@ -110,7 +114,7 @@ def compare(
     eval_kwargs = {**settings, "device": device, "trust_remote_code": trust_remote_code}
     result = CompareResult(out / REPORT_NAME, [])
     # The base shared by every candidate is hashed once per comparison, not once per candidate.
-    weight_hashes = functools.cache(lambda path: checksum(path, algo="sha256").files)
+    weight_hashes = functools.cache(weight_fingerprints)
     todo = []
     for candidate in candidates(Path(base), [Path(t) for t in tuned], [Path(a) for a in adapters]):
         path = out / candidate.filename
@@ -184,29 +188,12 @@ def reuse_mismatches(existing: ModelResults, candidate: Candidate, settings: dic
     return reasons
 
 
-@functools.cache
-def weight_hashes(path: Path) -> dict[str, str]:
-    """sha256 of a model's weight files, as `wb eval` records them; the base shared by every
-    candidate of a comparison is hashed once, not once per candidate."""
-    return checksum(path, algo="sha256").files
-
-
 def _version_changes(recorded: Any) -> list[tuple[str, Any, str | None]]:
     """(library, recorded version, installed version): another lm-eval or torch may score differently."""
-    from importlib import metadata
-
-    from workbench import __version__
-
-    changes = []
-    for name, old in (recorded or {}).items() if isinstance(recorded, dict) else ():
-        if name == "wb":
-            changes.append((name, old, __version__))
-            continue
-        try:
-            changes.append((name, old, metadata.version(name)))
-        except (metadata.PackageNotFoundError, ValueError):
-            changes.append((name, old, None))
-    return changes
+    if not isinstance(recorded, dict):
+        return []
+    installed = versions(recorded, python=False)
+    return [(name, old, installed[name]) for name, old in recorded.items()]
 
 
 def _setting_checks(existing: ModelResults, recorded: dict[str, Any], wanted: dict[str, Any]):
@@ -232,11 +219,6 @@ def _setting_checks(existing: ModelResults, recorded: dict[str, Any], wanted: di
 
 
 def _task_set(tasks: Any) -> frozenset[str]:
-    try:
-        from workbench.evals.tasks import canonical
-    except ImportError:  # pragma: no cover - wb eval ships with wb; kept for a partial install
-        def canonical(name: str) -> str:
-            return name
     if isinstance(tasks, str):
         tasks = [tasks]
     return frozenset(canonical(n.strip()) for entry in tasks or () for n in str(entry).split(",") if n.strip())

@@ -9,22 +9,22 @@ answer with its scores). Every file appears only when complete; none is overwrit
 from __future__ import annotations
 
 import contextlib
-import importlib.metadata
 import json
 import logging
-import shlex
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
+from workbench import provenance
+from workbench.console import Note
 from workbench.errors import WorkbenchError
+from workbench.evals.results import LM_EVAL_KEYS, RESULTS_VERSION
 from workbench.io.hashing import sha256_file
 from workbench.outputs import atomic_file, check_can_write, check_not_input
 
-RESULTS_VERSION = 1
-LM_EVAL_KEYS = ("results", "groups", "group_subtasks", "n-shot", "n-samples", "versions", "configs", "higher_is_better")
+VERSIONED = ("torch", "transformers", "peft", "lm_eval")  # provenance.versions: RESULTS.json's libraries
 CPU_LM_EVAL_BATCH = 8  # --batch-size auto on CPU (lm-eval's own "auto" probes until memory runs out)
 
 
@@ -64,7 +64,7 @@ def evaluate(
     out: Path,
     force: bool = False,
     command: str | None = None,
-) -> dict:
+) -> EvalResult:
     """Evaluate `model` (with `adapter`, unmerged) and write RESULTS.json to `out`; returns its content.
 
     tasks: lm-eval task/group names ("ceval" means "ceval-valid"); empty means the benchmarks of
@@ -121,7 +121,7 @@ def evaluate(
     text = json.dumps(results, indent=2, ensure_ascii=False, default=_json_default) + "\n"
     with atomic_file(plan.out, force=force) as handle:
         handle.write(text)
-    return json.loads(text)
+    return EvalResult(json.loads(text), plan.out)
 
 
 def _plan(model, adapter, tasks, data_dir, gen_data, limit, num_fewshot, max_new_tokens, batch_size, device, dtype,
@@ -168,32 +168,41 @@ def _metric_items(metrics: dict):
             yield (metric if filter_name == "none" else key), value, stderr
 
 
-def brief(results: dict) -> dict:
-    """What `wb eval --json` prints: every task's and group's scores, the generation metrics, side files."""
-    generation = results.get("generation") or {}
-    return {
-        "name": results["name"],
-        "scores": {name: scores(metrics) for name, metrics in results["results"].items()},
-        "generation": generation.get("metrics"),
-        "samples_file": results["samples_file"],
-        "predictions_file": generation.get("predictions_file"),
-    }
+class EvalResult(dict):
+    """RESULTS.json's content, as written to `out` (a dict: what Python callers read), and what
+    `wb eval` prints of it."""
 
+    def __init__(self, results: dict, out: Path):
+        super().__init__(results)
+        self.out = out
 
-def summary(results: dict) -> list[str]:
-    """One line per task/group and metric, then the generation metrics: what `wb eval` prints."""
-    lines = []
-    for name, metrics in results["results"].items():
-        n = results["n-samples"].get(name, {}).get("effective", metrics.get("sample_len", ""))
-        shots = results["n-shot"].get(name, "")
-        for metric, value, stderr in _metric_items(metrics):
-            spread = f" ± {stderr:.4f}" if isinstance(stderr, (int, float)) else ""
-            lines.append(f"{name:<44} {metric:<9} {value:.4f}{spread}  (n={n}, {shots}-shot)")
-    generation = results.get("generation")
-    if generation:
-        figures = "  ".join(f"{k} {v:.2f}" for k, v in generation["metrics"].items())
-        lines.append(f"generation ({generation['n']} prompts): {figures}")
-    return lines
+    def to_json(self) -> dict:
+        """What `wb eval --json` prints: the file, every task's and group's scores, the generation
+        metrics, the side files."""
+        generation = self.get("generation") or {}
+        return {
+            "results": str(self.out),
+            "name": self["name"],
+            "scores": {name: scores(metrics) for name, metrics in self["results"].items()},
+            "generation": generation.get("metrics"),
+            "samples_file": self["samples_file"],
+            "predictions_file": generation.get("predictions_file"),
+        }
+
+    def lines(self) -> list[str]:
+        """One line per task/group and metric, then the generation metrics, then (stderr) the file."""
+        lines = []
+        for name, metrics in self["results"].items():
+            n = self["n-samples"].get(name, {}).get("effective", metrics.get("sample_len", ""))
+            shots = self["n-shot"].get(name, "")
+            for metric, value, stderr in _metric_items(metrics):
+                spread = f" ± {stderr:.4f}" if isinstance(stderr, (int, float)) else ""
+                lines.append(f"{name:<44} {metric:<9} {value:.4f}{spread}  (n={n}, {shots}-shot)")
+        generation = self.get("generation")
+        if generation:
+            figures = "  ".join(f"{k} {v:.2f}" for k, v in generation["metrics"].items())
+            lines.append(f"generation ({generation['n']} prompts): {figures}")
+        return [*lines, Note(f"wrote {self.out}")]
 
 
 # -- inputs ----------------------------------------------------------------------------------------
@@ -282,11 +291,9 @@ def _lm_eval_batch(batch_size: int | str, device_type: str) -> int | str:
 
 # -- model -----------------------------------------------------------------------------------------
 def _fingerprints(model: Path, adapter: Path | None) -> dict:
-    from workbench.weights.checksum import checksum
-
     return {
-        "model_files": checksum(model, algo="sha256").files,
-        "adapter_files": checksum(adapter, algo="sha256").files if adapter else {},
+        "model_files": provenance.weight_fingerprints(model),
+        "adapter_files": provenance.weight_fingerprints(adapter) if adapter else {},
     }
 
 
@@ -578,18 +585,6 @@ def _json_default(value):
     return str(value)
 
 
-def _versions() -> dict[str, str | None]:
-    import workbench
-
-    found: dict[str, str | None] = {"wb": workbench.__version__}
-    for name, dist in (("torch", "torch"), ("transformers", "transformers"), ("peft", "peft"), ("lm_eval", "lm_eval")):
-        try:
-            found[name] = importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            found[name] = None
-    return found
-
-
 def _provenance(plan: _Plan, fingerprints: dict, options: dict, command: str | None) -> dict:
     return {
         "model": str(plan.model.resolve()),
@@ -597,8 +592,8 @@ def _provenance(plan: _Plan, fingerprints: dict, options: dict, command: str | N
         **fingerprints,
         "dtype": str(plan.dtype).removeprefix("torch."),
         "device": str(plan.device),
-        "versions": _versions(),
-        "command": command or _command_line(plan, options),
+        "versions": provenance.versions(VERSIONED, python=False),
+        "command": command or provenance.command_line(_eval_argv(plan, options)),
     }
 
 
@@ -615,9 +610,9 @@ def _settings(plan: _Plan, options: dict) -> dict:
     }
 
 
-def _command_line(plan: _Plan, options: dict) -> str:
-    """The `wb eval` command line equivalent to a call made from Python."""
-    parts = ["wb", "eval", "--model", str(plan.model)]
+def _eval_argv(plan: _Plan, options: dict) -> list[str]:
+    """The `wb eval` arguments equivalent to a call made from Python."""
+    parts = ["eval", "--model", str(plan.model)]
     if plan.adapter:
         parts += ["--adapter", str(plan.adapter)]
     if plan.names:
@@ -632,7 +627,7 @@ def _command_line(plan: _Plan, options: dict) -> str:
     parts += ["--batch-size", str(options["batch_size"]), "--device", options["device"], "--dtype", options["dtype"]]
     if options["chat_template"] is not None:
         parts.append("--chat-template" if options["chat_template"] else "--no-chat-template")
-    return shlex.join([*parts, "--out", str(plan.out)])
+    return [*parts, "--out", str(plan.out)]
 
 
 @contextlib.contextmanager

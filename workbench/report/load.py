@@ -12,20 +12,17 @@ from pathlib import Path
 from typing import Any
 
 from workbench.errors import WorkbenchError
+from workbench.evals.results import read_results, side_file
 from workbench.io.hashing import sha256_file
 from workbench.io.jsonfile import parse_json, read_json
+from workbench.provenance import file_fingerprints
 
-RESULTS_VERSION = 1
-REQUIRED_KEYS = ("wb_results_version", "name", "results", "provenance")
-# lm-eval keys that map a task name to something; absent ones are read as empty.
-TASK_MAPS = ("results", "groups", "group_subtasks", "n-shot", "n-samples", "versions", "configs", "higher_is_better")
-GENERATION_KEYS = ("data", "data_sha256", "n", "metrics")
 SIDE_RECORDS = ("merge.json", "weight_diff.json")
 
 
 @dataclass
 class ModelResults:
-    """One `wb eval` results file, validated, with its predictions and sample hashes."""
+    """One `wb eval` results file, validated (`evals.results`), with its predictions and sample hashes."""
 
     path: Path
     name: str
@@ -103,73 +100,22 @@ def is_number(value: Any) -> bool:
 def load_results(path: str | Path) -> ModelResults:
     """Read a `wb eval` results file and the predictions and samples files it names."""
     path = Path(path)
-    data = read_json(path, "results file")
-    _check_results(data, path)
+    data = read_results(path)
     results = ModelResults(path=path, name=data["name"], data=data, sha256=sha256_file(path))
     generation = data.get("generation")
     if generation and generation.get("predictions_file"):
-        side = _side_file(path, generation["predictions_file"], "generation.predictions_file")
+        side = side_file(path, generation["predictions_file"], "generation.predictions_file")
         if side.is_file():
             results.predictions = read_jsonl(side, "predictions file")
         else:
             results.notes.append(f"predictions file {side.name} is missing, so no generation samples are shown")
     if data.get("samples_file"):
-        side = _side_file(path, data["samples_file"], "samples_file")
+        side = side_file(path, data["samples_file"], "samples_file")
         if side.is_file():
             results.doc_hashes = _doc_hashes(read_jsonl(side, "samples file"))
         else:
             results.notes.append(f"samples file {side.name} is missing, so documents cannot be compared")
     return results
-
-
-def _check_results(data: Any, path: Path) -> None:
-    if not isinstance(data, dict):
-        raise WorkbenchError("not a wb results file: the top level is not a JSON object", path)
-    if "wb_results_version" not in data:
-        raise WorkbenchError("not a wb results file: no 'wb_results_version' (write one with `wb eval`)", path)
-    if data["wb_results_version"] != RESULTS_VERSION:
-        raise WorkbenchError(
-            f"unsupported wb_results_version {data['wb_results_version']!r} (this wb reads {RESULTS_VERSION})", path
-        )
-    missing = [key for key in REQUIRED_KEYS if key not in data]
-    if missing:
-        raise WorkbenchError(f"results file lacks {', '.join(repr(k) for k in missing)}", path)
-    if not isinstance(data["name"], str) or not data["name"].strip():
-        raise WorkbenchError("results file: 'name' must be a non-empty string", path)
-    for key in TASK_MAPS:
-        value = data.get(key)
-        if value is not None and not isinstance(value, dict):
-            raise WorkbenchError(f"results file: {key!r} must be an object", path)
-    for task, metrics in data["results"].items():
-        if not isinstance(metrics, dict):
-            raise WorkbenchError(f"results file: results[{task!r}] must be an object", path)
-    for group, children in (data.get("group_subtasks") or {}).items():
-        if not isinstance(children, list):
-            raise WorkbenchError(f"results file: group_subtasks[{group!r}] must be a list", path)
-    if not isinstance(data["provenance"], dict):
-        raise WorkbenchError("results file: 'provenance' must be an object", path)
-    _check_generation(data.get("generation"), path)
-
-
-def _check_generation(generation: Any, path: Path) -> None:
-    if generation is None:
-        return
-    if not isinstance(generation, dict):
-        raise WorkbenchError("results file: 'generation' must be null or an object", path)
-    missing = [key for key in GENERATION_KEYS if key not in generation]
-    if missing:
-        raise WorkbenchError(f"results file: generation lacks {', '.join(repr(k) for k in missing)}", path)
-    for key in ("metrics", "stderr"):
-        block = generation.get(key)
-        if block is not None and not isinstance(block, dict):
-            raise WorkbenchError(f"results file: generation.{key} must be an object", path)
-
-
-def _side_file(results_path: Path, name: Any, key: str) -> Path:
-    """A file a results file names: only a plain file name beside it is accepted."""
-    if not isinstance(name, str) or not name or Path(name).name != name:
-        raise WorkbenchError(f"results file: {key} must be a file name beside it, not {name!r}", results_path)
-    return results_path.parent / name
 
 
 def _doc_hashes(rows: list[dict[str, Any]]) -> dict[str, frozenset[str]]:
@@ -213,9 +159,7 @@ def load_train_run(path: str | Path) -> TrainRun:
             raise WorkbenchError(f"trainer_log.jsonl: entry {number} has no numeric 'step'", log_path)
     metrics = _optional_object(path / "metrics.json")
     adapter_config = _optional_object(path / "adapter_config.json")
-    adapter_files = {
-        file.name: sha256_file(file) for file in sorted(path.glob("adapter_model.*")) if file.is_file()
-    }
+    adapter_files = file_fingerprints(path, [file for file in sorted(path.glob("adapter_model.*")) if file.is_file()])
     return TrainRun(path, args, log, metrics, adapter_config, adapter_files)
 
 

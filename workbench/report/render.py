@@ -39,6 +39,9 @@ class ReportInfo:
     def to_json(self) -> dict[str, Any]:
         return {"path": str(self.path), "models": self.models, "baseline": self.baseline, "sections": self.sections}
 
+    def lines(self) -> list[str]:
+        return [str(self.path)]
+
 
 def render_report(
     results: Sequence[str | Path],

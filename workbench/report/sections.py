@@ -488,12 +488,7 @@ def flatten(data: dict[str, Any], prefix: str = "", depth: int = 0,
 
 
 def training_section(run: TrainRun) -> Training:
-    train = [(row["step"], row["loss"]) for row in run.log if is_number(row.get("loss"))]
-    evals = [(row["step"], row["eval_loss"]) for row in run.log if is_number(row.get("eval_loss"))]
-    series = [svg.Series("train loss", train)] if train else []
-    if evals:
-        series.append(svg.Series("eval loss", evals, markers=True))
-    chart = svg.line_chart(series, f"Loss by step: {run.path.name}", "step", "loss") if series else None
+    chart = svg.loss_chart(run.log, f"Loss by step: {run.path.name}")
     metrics = run.metrics or {}
     headline = [(key, metrics[key]) for key in HEADLINE_TRAIN if is_number(metrics.get(key))]
     if not any(key == "tokens_per_s" for key, _ in headline):

@@ -16,15 +16,16 @@ from __future__ import annotations
 
 import math
 import os
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from workbench import __version__
+from workbench import __version__, provenance
+from workbench.console import Note
 from workbench.dtypes import parse_dtype
 from workbench.errors import WorkbenchError
+from workbench.io.blocks import row_blocks
 from workbench.io.hashing import hash_file, hash_files
 from workbench.io.reader import Checkpoint, open_checkpoint
 from workbench.io.safetensors_format import layout
@@ -54,13 +55,14 @@ from workbench.weights.weight_diff import (
     fixup_names,
     mean_row,
     resized_rows,
-    row_ranges,
     rows_of,
     subtract,
     write_meta,
 )
 
 SPILL_CHUNK_BYTES = 64 * 1024 * 1024
+FIXUP_NOTE_SHARE = 0.01  # above this share of elements needing fixups, `wb diff` suggests a wider --dtype
+VERSIONED = ("torch", "safetensors")  # weight_diff.json's provenance.versions
 
 
 @dataclass
@@ -90,6 +92,22 @@ class DiffResult:
             "byte_layout_recorded": self.byte_layout_recorded,
         }
 
+    def lines(self) -> list[str]:
+        size = sum(int(f["size"]) for f in self.files.values())
+        shown = [f"wrote {self.out}: {self.tensors} tensors in {len(self.files)} file(s), {size / 1e6:.1f} MB of {self.dtype}"]
+        shown += [f"resized RAW's {name}: {entry['old_rows']} -> {entry['new_rows']} rows (new rows = mean of the existing rows)"
+                  for name, entry in self.resized.items()]
+        share = self.fixups / max(1, self.elements)
+        shown.append(f"fixups: {self.fixups} of {self.elements} elements ({share:.4%}) are not exact as base + diff; "
+                     "kept in weight_diff_fixups.safetensors" if self.fixups else
+                     "fixups: none (base + diff is bit-exact everywhere)")
+        if share > FIXUP_NOTE_SHARE:
+            shown.append(Note(f"note: {share:.1%} of the elements need fixups; a wider --dtype makes a smaller, cleaner diff"))
+        shown.append(f"weight-sum: RAW {self.base_weight_sum:.6f}, TUNED {self.tuned_weight_sum:.6f}")
+        if self.byte_layout_recorded:
+            shown.append("TUNED's file layout is recorded: wb recover will rebuild its weight files byte for byte")
+        return shown
+
 
 def make_diff(
     base: str | Path,
@@ -99,8 +117,11 @@ def make_diff(
     dtype: str = "float32",
     max_shard_size: str | int = DEFAULT_SHARD_SIZE,
     force: bool = False,
+    command: str | None = None,
 ) -> DiffResult:
-    """Write DIFF = TUNED - resize(RAW) into `out` (atomically) and return what was written."""
+    """Write DIFF = TUNED - resize(RAW) into `out` (atomically) and return what was written.
+
+    `command`: the command line weight_diff.json records (None: this process's, `provenance.command_line`)."""
     out = Path(out)
     diff_dtype = parse_dtype(dtype)
     if diff_dtype is None:
@@ -125,7 +146,7 @@ def make_diff(
             report = write_checkpoint(tmp, plan_shards(specs, shard_size), job.produce, description="diff")
         fixup_report = job.spill.write(tmp)
         copy_side_files(tun.root, tmp)
-        meta = _meta(raw, tun, job, diff_dtype, report.files, fixup_report)
+        meta = _meta(raw, tun, job, diff_dtype, report.files, fixup_report, command)
         write_meta(tmp, meta)
     elements = sum(math.prod(info.shape) for info in tun.infos.values())
     return DiffResult(
@@ -167,7 +188,7 @@ class _DiffPass:
             mean = mean_row(base, self.mean_dtypes[name])
         row = math.prod(spec.shape[1:]) if spec.shape else 1
         base_sum = 0.0
-        for start, stop in row_ranges(spec.shape):
+        for start, stop in row_blocks(spec.shape):
             tuned_block = rows_of(tuned, start, stop)
             base_block = base_rows(base, start, stop, old, mean)
             diff = subtract(tuned_block, base_block, spec.dtype)
@@ -242,14 +263,16 @@ def _read_spill(spec: TensorSpec, source: tuple[Path, int, torch.dtype]):
 
 
 def _meta(raw: Checkpoint, tuned: Checkpoint, job: _DiffPass, diff_dtype: torch.dtype,
-          diff_files: dict, fixup_file: dict | None) -> dict:
+          diff_files: dict, fixup_file: dict | None, command: str | None) -> dict:
     base_digests = job.base_digests.digests
     tuned_digests = job.tuned_digests.digests
     raw_md5 = hash_files(list(raw.files), "md5", os.cpu_count() or 1)
+    made = provenance.record(VERSIONED, command)
     return {
         "wb_weight_diff_version": FORMAT_VERSION,
         "created_by": f"wb {__version__}",
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "created": made["created"],
+        "provenance": made,
         "dtype": dtype_name(diff_dtype),
         "compute_dtype": "float32 (float64 when either side is float64)",
         "resize_rule": RESIZE_RULE,

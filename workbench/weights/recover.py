@@ -10,20 +10,26 @@ Two kinds of DIFF are accepted:
 - made by another tool (Alpaca, KnowLM, FastChat: a plain folder of `tuned - raw`, `.bin` or
   safetensors, fp32 or fp16): added in float32 and cast to the diff's dtype (or `--dtype`).
 
-Every failed check raises before OUT is renamed into place, so a failure leaves no OUT.
+Every failed check raises before OUT is renamed into place, so a failure leaves no OUT. Beside
+TUNED's files OUT gets `recover.json`: the versions, the command line, the inputs' fingerprints
+(what the pass verified: RAW's tensors against weight_diff.json, whose sha256 is recorded) and
+OUT's own file hashes (from the writer, no second read), and the settings.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from workbench import provenance
 from workbench.dtypes import parse_dtype, resolve_device
 from workbench.errors import CheckFailed, WorkbenchError
-from workbench.io.hashing import hash_file, parse_checksum_file
+from workbench.io.blocks import row_blocks
+from workbench.io.hashing import hash_file, parse_checksum_file, sha256_file
 from workbench.io.jsonfile import parse_json
 from workbench.io.reader import Checkpoint, open_checkpoint
 from workbench.io.weightsum import float64_sum
@@ -56,11 +62,12 @@ from workbench.weights.weight_diff import (
     mean_row,
     read_meta,
     resized_rows,
-    row_ranges,
     rows_of,
 )
 
 THE_BASE = "the base this diff was made from"
+RECORD_FILE = "recover.json"
+VERSIONED = ("torch", "safetensors")  # recover.json's versions
 
 
 @dataclass
@@ -105,6 +112,31 @@ class RecoverResult:
             "checksums": self.checksums,
         }
 
+    def lines(self) -> list[str]:
+        size = sum(int(f["size"]) for f in self.files.values())
+        shown = [f"recovered {self.tensors} tensors into {self.out} ({len(self.files)} weight file(s), {size / 1e6:.1f} MB) "
+                 f"from {'a wb diff' if self.source == 'wb diff' else 'a diff made by another tool (no weight_diff.json)'}"]
+        shown += [f"resized RAW's {name}: {entry['old_rows']} -> {entry['new_rows']} rows (new rows = mean of the existing rows)"
+                  for name, entry in self.resized.items()]
+        if self.skipped:
+            shown.append(f"skipped {len(self.skipped)} rotary_emb.inv_freq buffer(s) present on one side only "
+                         "(transformers recomputes them)")
+        if self.fixups_applied:
+            shown.append(f"fixups applied: {self.fixups_applied}")
+        if self.byte_identical:
+            shown.append("weight files: byte-identical to TUNED's (md5 and sha256 checked against weight_diff.json)")
+        elif self.tensors_exact:
+            shown.append("tensors: bit-identical to TUNED's (sha256 of each tensor checked against weight_diff.json)")
+        if self.checksums:
+            shown.append(f"checksums: {len(self.checksums['files'])} file(s) OK ({self.checksums['algo']})")
+        line = f"weight-sum: {self.weight_sum:.6f}"
+        if self.expected is not None:
+            line += f" (expected {self.expected:.6f}, difference {self.difference:+.3g}, atol {self.atol:g}): OK"
+        elif self.tuned_weight_sum is not None:
+            line += (f" (TUNED's, recorded by wb diff: {self.tuned_weight_sum:.6f}, "
+                     f"difference {self.weight_sum - self.tuned_weight_sum:+.3g})")
+        return [*shown, line]
+
 
 @dataclass
 class _Job:
@@ -146,8 +178,11 @@ def recover(
     device: str = "cpu",
     max_shard_size: str | int = DEFAULT_SHARD_SIZE,
     force: bool = False,
+    command: str | None = None,
 ) -> RecoverResult:
-    """Rebuild TUNED from RAW and DIFF into `out`; every check passes before `out` appears."""
+    """Rebuild TUNED from RAW and DIFF into `out`; every check passes before `out` appears.
+
+    `command`: the command line recover.json records (None: this process's, `provenance.command_line`)."""
     out, base, diff = Path(out), Path(base), Path(diff)
     out_dtype = parse_dtype(dtype)
     torch_device = resolve_device(device)
@@ -158,6 +193,7 @@ def recover(
     raw, delta = open_checkpoint(base), open_checkpoint(diff)
     diff_dir = diff if diff.is_dir() else diff.parent
     meta = read_meta(diff_dir)
+    meta_sha256 = sha256_file(diff_dir / META_FILE) if meta is not None else None
     if meta is not None:
         plan = _plan_wb_diff(raw, delta, meta, diff_dir, out_dtype, shard_size, base)
     else:
@@ -177,24 +213,62 @@ def recover(
         checked = _check_list(checksum_list, report, tmp, failures) if checksum_list else None
         if failures:
             raise CheckFailed(failures, out)
-    exact_checked = any(j.tuned_sha256 for j in plan.jobs.values())
-    return RecoverResult(
-        out=out,
-        source="wb diff" if meta is not None else "other tool",
-        device=str(torch_device),
-        tensors=len(plan.jobs),
-        files=report.files,
-        weight_sum=report.weight_sum,
-        expected=expect_sum,
-        atol=atol,
-        tuned_weight_sum=plan.tuned_weight_sum,
-        fixups_applied=job.fixups_applied,
-        byte_identical=True if plan.layout_files else None,
-        tensors_exact=True if (plan.layout_files or exact_checked) else None,
-        resized=plan.resized,
-        skipped=plan.skipped,
-        checksums=checked,
-    )
+        exact_checked = any(j.tuned_sha256 for j in plan.jobs.values())
+        result = RecoverResult(
+            out=out,
+            source="wb diff" if meta is not None else "other tool",
+            device=str(torch_device),
+            tensors=len(plan.jobs),
+            files=report.files,
+            weight_sum=report.weight_sum,
+            expected=expect_sum,
+            atol=atol,
+            tuned_weight_sum=plan.tuned_weight_sum,
+            fixups_applied=job.fixups_applied,
+            byte_identical=True if plan.layout_files else None,
+            tensors_exact=True if (plan.layout_files or exact_checked) else None,
+            resized=plan.resized,
+            skipped=plan.skipped,
+            checksums=checked,
+        )
+        settings = {"dtype": dtype_name(out_dtype) if out_dtype is not None else None, "device": str(torch_device),
+                    "max_shard_size": shard_size, "expect_sum": expect_sum, "atol": atol}
+        inputs = _inputs(raw, delta, base, diff, meta_sha256, checksums)
+        record = _record(result, report, inputs, settings, command)
+        (tmp / RECORD_FILE).write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return result
+
+
+def _inputs(raw: Checkpoint, delta: Checkpoint, base: Path, diff: Path, meta_sha256: str | None,
+            checksums: str | Path | None) -> dict:
+    """What the pass knows of its inputs without reading them again: a wb diff's weight_diff.json by
+    its sha256, and RAW as checked against it (the sha256 of every tensor, as the diff records it)."""
+    return {
+        "base": {"path": str(base.resolve()), "format": raw.format, "tensors": len(raw.infos),
+                 "verified": f"every tensor's sha256, against {META_FILE}" if meta_sha256 else None},
+        "diff": {"path": str(diff.resolve()), "format": delta.format, "weight_diff_sha256": meta_sha256},
+        "checksums": str(Path(checksums).resolve()) if checksums is not None else None,
+    }
+
+
+def _record(result: RecoverResult, report: WriteReport, inputs: dict, settings: dict, command: str | None) -> dict:
+    """recover.json: the inputs, OUT's weight files as the writer hashed them, the settings and checks."""
+    return {
+        "source": result.source,
+        "inputs": inputs,
+        "output": {
+            "files": report.files,
+            "index_file": report.index_file,
+            "tensors": result.tensors,
+            "weight_sum": report.weight_sum,
+            "byte_identical": result.byte_identical,
+            "tensors_exact": result.tensors_exact,
+            "fixups_applied": result.fixups_applied,
+            "checksums": result.checksums,
+        },
+        "settings": settings,
+        **provenance.record(VERSIONED, command),
+    }
 
 
 # -- planning ------------------------------------------------------------------------------------
@@ -352,7 +426,7 @@ class _RecoverPass:
         mean = mean_row(base, job.mean_dtype) if job.old_rows is not None else None
         index, xor = self._fixups(job.name)
         row = math.prod(job.shape[1:]) if job.shape else 1
-        for start, stop in row_ranges(job.shape):
+        for start, stop in row_blocks(job.shape):
             result = self._add(base_rows(base, start, stop, job.old_rows, mean), rows_of(diff, start, stop), job.exact_dtype)
             if index is not None:
                 self.fixups_applied += apply_fixups(result, index, xor, start * row)

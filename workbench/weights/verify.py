@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from workbench.errors import CheckFailed
 from workbench.io.hashing import hash_files, parse_checksum_file
 from workbench.io.reader import open_checkpoint
 from workbench.io.weightsum import checkpoint_weight_sum
@@ -25,6 +26,18 @@ class VerifyResult:
     @property
     def ok(self) -> bool:
         return not self.failures
+
+    def lines(self) -> list[str]:
+        shown = [f"structure: ok ({self.tensors} tensors in {len(self.weight_files)} file(s))"]
+        shown += [f"{name}: {'OK' if state == 'ok' else state.upper()}" for name, state in self.checksums.items()]
+        if self.weight_sum is not None:
+            ws = self.weight_sum
+            shown.append(f"weight-sum: {ws['found']:.6f} (expected {ws['expected']:.6f}, difference {ws['difference']:+.3g})")
+        return shown
+
+    def error(self) -> CheckFailed | None:
+        """The failure `wb verify` ends with (each failed check a FAILED line, exit 1), or None."""
+        return None if self.ok else CheckFailed(self.failures, self.path)
 
     def to_json(self) -> dict:
         return {
@@ -48,7 +61,8 @@ def verify(
     jobs: int | None = None,
 ) -> VerifyResult:
     """Structure always (opening validates every index entry, header and byte range); the
-    checksum list and the weight-sum when given. Failures are collected, not raised."""
+    checksum list and the weight-sum when given. Failures are collected, not raised: the result
+    is printed first, then `error()` ends the command."""
     path = Path(path)
     checkpoint = open_checkpoint(path)  # raises WorkbenchError on any structural fault
     result = VerifyResult(str(path), len(checkpoint), checkpoint.weight_files)
