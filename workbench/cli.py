@@ -2,7 +2,7 @@
 
 Each command parses its options, calls the one public function of its module and hands what it
 returns to `emit`, which prints the result's lines (or, with --json, its JSON) and ends the command
-with the result's failure, if it has one (see `workbench.console`). What is computed, written,
+with the result's failure, if it has one (see `workbench.outputs`). What is computed, written,
 checked and printed is the modules' own.
 
 Each command imports its module when it runs, so `wb --help` is quick and the weight commands never
@@ -23,10 +23,10 @@ from pathlib import Path
 import click
 
 from workbench import __version__
-from workbench.console import Note
 from workbench.dtypes import DEVICE_CHOICES, DTYPE_CHOICES, STORAGE_DTYPE_CHOICES
 from workbench.errors import CheckFailed, WorkbenchError
 from workbench.io.hashing import ALGOS
+from workbench.outputs import Note
 
 existing_path = click.Path(exists=True, path_type=Path)
 new_path = click.Path(path_type=Path)
@@ -495,6 +495,27 @@ def import_gguf_command(file, out, dtype, force, as_json):
     from workbench.weights.gguf_import import import_gguf
 
     emit(import_gguf(file, out, force=force, dtype=dtype), as_json)
+
+
+@wb.command("export-gguf")
+@click.argument("model_dir", metavar="DIR", type=existing_path)
+@click.option("--out", required=True, type=new_path, metavar="FILE.gguf",
+              help="GGUF file to write; an ollama Modelfile and export.json are written beside it.")
+@click.option("--outtype", type=LazyChoice(names_in("workbench.weights.gguf_export", "OUTTYPES")), default="f16",
+              show_default=True,
+              help="Type of the weight matrices; norms and other 1-D tensors stay f32, as llama.cpp writes them.")
+@force_option
+@json_option
+def export_gguf_command(model_dir, out, outtype, force, as_json):
+    """Write a Llama or Qwen2 model folder as one GGUF file, for llama.cpp and ollama.
+
+    Tensors are streamed one at a time and the file appears only when complete. Beside it: a
+    Modelfile (`ollama create NAME -f Modelfile`) and export.json (the source's hashes, versions).
+    """
+    from workbench.provenance import command_line
+    from workbench.weights.gguf_export import export_gguf
+
+    emit(export_gguf(model_dir, out, outtype=outtype, force=force, command=command_line()), as_json)
 
 
 @wb.command(name="chat")

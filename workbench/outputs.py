@@ -1,4 +1,6 @@
-"""Output folders and files that appear only when complete, and never over an input.
+"""What a command leaves behind: the files it writes and the lines it prints.
+
+Files (below): output folders and files that appear only when complete, and never over an input.
 
 Every command writes into a temporary sibling of its target (same filesystem, so the final
 rename is atomic) named `.wb-tmp-<name>-<pid>-<random>` and renames it into place at the end
@@ -42,6 +44,27 @@ _NO_SPACE_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 _DENIED_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS}
 
 PathLike = str | os.PathLike[str]
+
+
+# ----- what a command prints ----------------------------------------------------------------
+class Note(str):
+    """A line of a result that is printed on stderr, not stdout.
+
+    What a command prints: the contract between each command's result and `workbench.cli.emit`.
+
+    Each command's one public function returns a result with
+
+    - `lines()`: the text `wb` prints without `--json`, one line per item, in order; a `Note` goes to
+      stderr (about the run or its files: "wrote OUT", a warning), every other line to stdout;
+    - `to_json()`: the one JSON object `wb` prints with `--json` (and no lines); None prints nothing
+      (a process that does not report: `wb train` on a rank other than 0);
+    - optionally `error()`: the failure the command ends with (a `CheckFailed`), raised after the result
+      is printed, or None.
+
+    The modules decide what is printed and whether a check failed; the CLI only prints it.
+    """
+
+    __slots__ = ()
 
 
 # ----- public checks ------------------------------------------------------------------------

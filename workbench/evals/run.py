@@ -18,11 +18,10 @@ from datetime import datetime
 from pathlib import Path
 
 from workbench import provenance
-from workbench.console import Note
 from workbench.errors import WorkbenchError
 from workbench.evals.results import LM_EVAL_KEYS, RESULTS_VERSION
 from workbench.io.hashing import sha256_file
-from workbench.outputs import atomic_file, check_can_write, check_not_input
+from workbench.outputs import Note, atomic_file, check_can_write, check_not_input
 
 VERSIONED = ("torch", "transformers", "peft", "lm_eval")  # provenance.versions: RESULTS.json's libraries
 CPU_LM_EVAL_BATCH = 8  # --batch-size auto on CPU (lm-eval's own "auto" probes until memory runs out)

@@ -6,11 +6,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from workbench.console import Note
 from workbench.errors import WorkbenchError
 from workbench.io.hashing import ALGOS, format_lines, hash_files
 from workbench.io.layout import find_weight_files
-from workbench.outputs import atomic_file
+from workbench.outputs import Note, atomic_file
 from workbench.progress import progress_bar
 
 

@@ -22,7 +22,6 @@ from pathlib import Path
 import torch
 
 from workbench import __version__, provenance
-from workbench.console import Note
 from workbench.dtypes import parse_dtype
 from workbench.errors import WorkbenchError
 from workbench.io.blocks import row_blocks
@@ -39,7 +38,7 @@ from workbench.io.writer import (
     plan_shards,
     write_checkpoint,
 )
-from workbench.outputs import atomic_dir, check_can_write, check_not_input
+from workbench.outputs import Note, atomic_dir, check_can_write, check_not_input
 from workbench.weights.weight_diff import (
     FIXUPS_FILE,
     FORMAT_VERSION,
