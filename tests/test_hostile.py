@@ -202,6 +202,14 @@ def test_valid_inputs_succeed(assets):
                                                          "--out", box.out("again")]).stdout
 
 
+def test_valid_gguf_imports(assets, tmp_path):
+    """The GGUF the GGUF property damages imports cleanly as it is."""
+    path, _ = assets.gguf()
+    result = run_wb(["import-gguf", path, "--out", tmp_path / "out"])
+    check_outcome(result)
+    assert result.exit_code == 0, result.output
+
+
 # -- 1. safetensors headers ----------------------------------------------------------------------
 SAFETENSORS_COMMANDS = {
     "verify FILE": lambda d, s: ["verify", d / "model.safetensors"],

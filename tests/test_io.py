@@ -31,7 +31,9 @@ def test_reader_lists_and_reads_every_layout_bit_exact(tiny_models, tiny_tokeniz
         assert set(checkpoint.names()) == set(expected)
         assert checkpoint.format == layout.split("-")[0]
         assert len(checkpoint.files) == (3 if layout.endswith("sharded") else 1)
-        for name, tensor in checkpoint.iter_tensors():
+        read = dict(checkpoint.iter_tensors())
+        assert read.keys() == expected.keys()
+        for name, tensor in read.items():
             info = checkpoint.info(name)
             assert info.shape == tuple(expected[name].shape) and info.dtype == expected[name].dtype
             assert torch.equal(tensor, expected[name]), name
@@ -60,9 +62,12 @@ def test_writer_round_trip_sharded_bit_exact_with_index(tiny_models, dtype, tmp_
     assert index["metadata"]["total_size"] == source.total_bytes
     assert set(index["weight_map"]) == set(source.names())
     with open_checkpoint(out) as written:
-        for name, tensor in written.iter_tensors():
+        read = dict(written.iter_tensors())
+        assert read.keys() == set(source.names())
+        for name, tensor in read.items():
             assert tensor.dtype == source.info(name).dtype
             assert torch.equal(tensor, source.tensor(name)), name
+    assert sorted(report.files) == names[:-1]  # every shard hashed (the index is not a weight file)
     for filename, entry in report.files.items():
         data = (out / filename).read_bytes()
         assert entry["md5"] == hashlib.md5(data).hexdigest()

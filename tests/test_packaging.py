@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+import workbench
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -22,6 +24,13 @@ def test_non_editable_install_ships_package_data(tmp_path):
     if build.returncode != 0 and "setuptools" in build.stderr and "No module named" in build.stderr:
         pytest.skip("setuptools is not installed in this environment")
     assert build.returncode == 0, build.stderr[-2000:]
+    # the version is written once (workbench.__version__); psutil is bench/'s, not a run-time dependency
+    (info,) = target.glob("wb-*.dist-info")
+    metadata = (info / "METADATA").read_text(encoding="utf-8").splitlines()
+    assert f"Version: {workbench.__version__}" in metadata and info.name == f"wb-{workbench.__version__}.dist-info"
+    requires = [line.removeprefix("Requires-Dist: ") for line in metadata if line.startswith("Requires-Dist: ")]
+    assert any(r.startswith("torch") for r in requires)
+    assert [r for r in requires if r.startswith("psutil")] == ['psutil>=5.9; extra == "bench"']
     source_data = sorted(
         p.relative_to(ROOT).as_posix() for p in (ROOT / "workbench").rglob("*")
         if p.is_file() and p.suffix not in (".py", ".pyc") and "__pycache__" not in p.parts

@@ -1,3 +1,3 @@
 """wb: the weight diff/merge & evaluation workbench."""
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"  # the one place: pyproject.toml reads it ([tool.setuptools.dynamic])

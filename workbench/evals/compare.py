@@ -151,9 +151,7 @@ def _check_candidates(todo: Sequence[Candidate], trust_remote_code: bool) -> Non
         return
     from workbench.evals import run as evaluation
 
-    check = getattr(evaluation, "check_model_files", None)  # absent from a stand-in module (tests)
-    if check is None:
-        return
+    check = evaluation.check_model_files
     for candidate in todo:
         if not Path(candidate.model).is_dir():
             raise WorkbenchError("model must be a model folder (config.json, tokenizer, weights)", candidate.model)
