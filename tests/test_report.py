@@ -238,11 +238,10 @@ def test_baseline_option_reorders_columns(pair, tmp_path):
 
 def test_same_name_twice_is_disambiguated(tmp_path):
     first = write_results(tmp_path / "a", "model")
-    second = write_results(tmp_path / "b", "model", mmlu=MMLU_TUNED)
-    (tmp_path / "b" / "model.json").rename(tmp_path / "b" / "model-5shot.json")
-    info = render_report([first, tmp_path / "b" / "model-5shot.json"], tmp_path / "r.html")
+    second = write_results(tmp_path / "b", "model", mmlu=MMLU_TUNED).rename(tmp_path / "b" / "model-5shot.json")
+    info = render_report([first, second], tmp_path / "r.html")
     assert info.models == ["model [model]", "model [model-5shot]"]
-    assert second.parent.is_dir()
+    assert "+0.1500" in (tmp_path / "r.html").read_text(encoding="utf-8")  # the second file is compared to the first
 
 
 @pytest.mark.parametrize(
@@ -275,6 +274,30 @@ def test_bad_predictions_file_is_refused(pair, tmp_path):
     assert caught.value.path.endswith("tuned.predictions.jsonl")
 
 
+def test_crafted_results_fields_are_refused_naming_the_key(pair, tmp_path):
+    """A well-formed file with a field the report cannot use: one error line naming the key, no report."""
+    data = json.loads(pair[1].read_text(encoding="utf-8"))
+    big = {**data, "results": {**data["results"], "mmlu": {**data["results"]["mmlu"], "acc,none": "BIG"}}}
+    cases = [
+        # a score too large for a float: json reads 1e400 as inf, which the z-test cannot square
+        (json.dumps(big).replace('"BIG"', "1e400"), "results['mmlu']['acc,none'] must be a finite number"),
+        # a list where an object of file hashes belongs
+        (json.dumps({**data, "provenance": {**data["provenance"], "model_files": ["ab" * 32]}}),
+         "provenance['model_files'] must be an object"),
+        # a group that is its own subtask: the task tree would never end
+        (json.dumps({**data, "group_subtasks": {**data["group_subtasks"], "mmlu_stem": ["mmlu"]}}),
+         "'group_subtasks' makes 'mmlu' a subtask of itself"),
+    ]
+    for content, message in cases:
+        pair[1].write_text(content, encoding="utf-8")
+        result = CliRunner().invoke(wb, ["report", *map(str, pair), "--out", str(tmp_path / "r.html")])
+        assert result.exit_code == 1, result.output
+        line = result.output.strip()
+        assert line == f"error: results file: {line.split('results file: ', 1)[1]}", line
+        assert message in line and line.endswith(f"({pair[1]})") and "\n" not in line, line
+        assert not (tmp_path / "r.html").exists()
+
+
 def test_existing_output_needs_force(pair, tmp_path):
     out = tmp_path / "r.html"
     out.write_text("keep me")
@@ -283,6 +306,16 @@ def test_existing_output_needs_force(pair, tmp_path):
     assert result.exit_code == 1 and "pass --force" in result.output and out.read_text() == "keep me"
     result = runner.invoke(wb, ["report", *map(str, pair), "--out", str(out), "--force"])
     assert result.exit_code == 0 and result.output.strip() == str(out)
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_out_naming_a_folder_is_one_error_line(pair, tmp_path, force):
+    folder = tmp_path / "reports"
+    folder.mkdir()
+    result = CliRunner().invoke(wb, ["report", *map(str, pair), "-o", str(folder), *(["--force"] if force else [])])
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 1 and len(lines) == 1 and lines[0].startswith("error: "), result.output
+    assert folder.is_dir() and not any(folder.iterdir()) and "Traceback" not in result.output
 
 
 # -- training and weights -------------------------------------------------------------------------------
@@ -375,17 +408,6 @@ def test_report_does_not_import_model_libraries(pair, tmp_path):
     assert done.stdout.strip().splitlines()[-1] == "[]"
 
 
-def test_help_describes_every_option():
-    runner = CliRunner()
-    for command in ("report", "compare"):
-        result = runner.invoke(wb, [command, "--help"])
-        assert result.exit_code == 0
-        options = re.findall(r"^\s+(?:-\w, )?(--[\w-]+)", result.output, flags=re.M)
-        assert len(options) >= 5
-        for block in re.split(r"\n(?=\s+-)", result.output.split("Options:")[1])[1:]:
-            assert len(block.split()) > 2, block  # every option has a description
-
-
 # -- compare ---------------------------------------------------------------------------------------------------
 class FakeEvaluate:
     """Stands in for `workbench.evals.run.evaluate`: writes a contract-shaped file and counts calls."""
@@ -425,14 +447,11 @@ class FakeEvaluate:
 
 @pytest.fixture
 def fake_evaluate(monkeypatch):
-    import types
+    """The real `workbench.evals.run` with only `evaluate` replaced: its file checks still run."""
+    from workbench.evals import run
 
     fake = FakeEvaluate()
-    module = sys.modules.get("workbench.evals.run")
-    if module is None:  # the real module may not exist yet; compare only needs the attribute
-        module = types.ModuleType("workbench.evals.run")
-        monkeypatch.setitem(sys.modules, "workbench.evals.run", module)
-    monkeypatch.setattr(module, "evaluate", fake, raising=False)
+    monkeypatch.setattr(run, "evaluate", fake)
     return fake
 
 
@@ -660,3 +679,11 @@ def test_report_in_headless_chromium(pair, tiny_model, tmp_path):
     png = base64.b64decode(shot["data"])
     (tmp_path / "report.png").write_bytes(png)
     assert len(png_colours(png)) >= 3, "the screenshot is blank"
+
+
+def test_axis_ticks_end_for_a_range_one_rounding_step_wide():
+    from workbench.report.svg import nice_ticks
+
+    ticks = nice_ticks(1.0, 1.0000000000000002)  # two losses a crafted log may hold: used to loop forever
+    assert ticks[0] <= 1.0 <= ticks[-1] and 2 <= len(ticks) <= 21
+    assert nice_ticks(0.0, 2.37) == [0.0, 0.5, 1.0, 1.5, 2.0, 2.5]

@@ -7,17 +7,25 @@ report is never rendered from half-understood input.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from workbench.errors import WorkbenchError
-from workbench.evals.results import read_results, side_file
+from workbench.evals.results import (
+    Checker,
+    check_prediction_row,
+    check_sample_row,
+    read_results,
+    side_file,
+)
 from workbench.io.hashing import sha256_file
 from workbench.io.jsonfile import parse_json, read_json
 from workbench.provenance import file_fingerprints
 
 SIDE_RECORDS = ("merge.json", "weight_diff.json")
+TRAIN_LOG_FIGURES = ("loss", "eval_loss", "tokens_per_s")  # what the report reads from trainer_log.jsonl
 
 
 @dataclass
@@ -75,8 +83,9 @@ class TrainRun:
     adapter_files: dict[str, str]
 
 
-def read_jsonl(path: Path, what: str) -> list[dict[str, Any]]:
-    """Parse a JSON-lines file whose every line is an object."""
+def read_jsonl(path: Path, what: str,
+               check: Callable[[dict[str, Any], int, Path], None] | None = None) -> list[dict[str, Any]]:
+    """Parse a JSON-lines file whose every line is an object; `check(row, line, path)` refuses a row."""
     rows = []
     try:
         with open(path, encoding="utf-8") as handle:
@@ -86,6 +95,8 @@ def read_jsonl(path: Path, what: str) -> list[dict[str, Any]]:
                 row = parse_json(line, f"{what}: line {number} is not valid JSON", path)
                 if not isinstance(row, dict):
                     raise WorkbenchError(f"{what}: line {number} is not a JSON object", path)
+                if check is not None:
+                    check(row, number, path)
                 rows.append(row)
     except (OSError, UnicodeDecodeError) as exc:
         raise WorkbenchError(f"cannot read {what}: {exc}", path) from None
@@ -93,8 +104,9 @@ def read_jsonl(path: Path, what: str) -> list[dict[str, Any]]:
 
 
 def is_number(value: Any) -> bool:
-    """A real figure: int or float (not bool, not NaN, not lm-eval's "N/A")."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """A real figure: int or float (not bool, not NaN or infinite, not lm-eval's "N/A")."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and (
+        isinstance(value, int) or math.isfinite(value))  # an int may be too large for a float
 
 
 def load_results(path: str | Path) -> ModelResults:
@@ -106,13 +118,13 @@ def load_results(path: str | Path) -> ModelResults:
     if generation and generation.get("predictions_file"):
         side = side_file(path, generation["predictions_file"], "generation.predictions_file")
         if side.is_file():
-            results.predictions = read_jsonl(side, "predictions file")
+            results.predictions = read_jsonl(side, "predictions file", check_prediction_row)
         else:
             results.notes.append(f"predictions file {side.name} is missing, so no generation samples are shown")
     if data.get("samples_file"):
         side = side_file(path, data["samples_file"], "samples_file")
         if side.is_file():
-            results.doc_hashes = _doc_hashes(read_jsonl(side, "samples file"))
+            results.doc_hashes = _doc_hashes(read_jsonl(side, "samples file", check_sample_row))
         else:
             results.notes.append(f"samples file {side.name} is missing, so documents cannot be compared")
     return results
@@ -150,17 +162,32 @@ def load_train_run(path: str | Path) -> TrainRun:
     args = read_json(path / "train_args.json", "train_args.json")
     if not isinstance(args, dict):
         raise WorkbenchError("train_args.json is not a JSON object", path / "train_args.json")
+    Checker("train_args.json", path / "train_args.json").tree(args)
     log_path = path / "trainer_log.jsonl"
     if not log_path.is_file():
         raise WorkbenchError("not a `wb train` output folder: trainer_log.jsonl is missing", path)
-    log = read_jsonl(log_path, "trainer_log.jsonl")
-    for number, row in enumerate(log, start=1):
-        if not is_number(row.get("step")):
-            raise WorkbenchError(f"trainer_log.jsonl: entry {number} has no numeric 'step'", log_path)
+    log = read_jsonl(log_path, "trainer_log.jsonl", _check_log_row)
     metrics = _optional_object(path / "metrics.json")
     adapter_config = _optional_object(path / "adapter_config.json")
     adapter_files = file_fingerprints(path, [file for file in sorted(path.glob("adapter_model.*")) if file.is_file()])
     return TrainRun(path, args, log, metrics, adapter_config, adapter_files)
+
+
+def _check_log_row(row: dict[str, Any], line: int, path: Path) -> None:
+    """A trainer_log.jsonl row: a whole step, and losses and speeds the chart can scale.
+
+    A diverged run logs NaN or infinite losses, which the chart leaves out; a finite figure is
+    held to the results files' range so that the axes' arithmetic stays finite.
+    """
+    check = Checker("trainer_log.jsonl", path)
+    check.tree(row, f"line {line}")
+    if not is_number(row.get("step")):
+        check.fail(f"line {line}", "has no numeric 'step'")
+    check.count(row["step"], f"line {line} 'step'")
+    for key in TRAIN_LOG_FIGURES:
+        value = row.get(key)
+        if not (isinstance(value, float) and not math.isfinite(value)):
+            check.number(value, f"line {line} {key!r}")
 
 
 def _optional_object(path: Path) -> dict[str, Any] | None:
@@ -169,6 +196,7 @@ def _optional_object(path: Path) -> dict[str, Any] | None:
     data = read_json(path, path.name)
     if not isinstance(data, dict):
         raise WorkbenchError(f"{path.name} is not a JSON object", path)
+    Checker(path.name, path).tree(data)
     return data
 
 

@@ -15,6 +15,8 @@ from typing import Any
 
 from markupsafe import Markup
 
+from workbench.errors import WorkbenchError
+from workbench.evals.results import subtask_problem
 from workbench.report import svg
 from workbench.report.load import ModelResults, TrainRun, is_number
 from workbench.report.stats import Change, z_test
@@ -110,6 +112,9 @@ class TaskTree:
             for group, subtasks in model.group_subtasks.items():
                 merged = children.setdefault(group, [])
                 merged.extend(s for s in subtasks if s not in merged)
+            problem = subtask_problem(children)  # each file's tree is sound; together they may not be
+            if problem:
+                raise WorkbenchError(f"results file: group_subtasks, with the files before it, {problem}", model.path)
         return cls(children, keys | set(children))
 
     def is_group(self, key: str) -> bool:

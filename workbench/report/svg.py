@@ -54,21 +54,17 @@ def _svg(width: float, height: float, label: str, *children: Markup, standalone:
 
 
 def nice_ticks(low: float, high: float, count: int = 5) -> list[float]:
-    """Round tick values covering [low, high] (the usual 1-2-5 steps)."""
-    if high <= low:
+    """Round tick values covering [low, high] (the usual 1-2-5 steps). A range too narrow for a
+    float step (e.g. two losses one rounding apart) is widened, and ticks are counted, not summed,
+    so the loop always ends."""
+    if high - low <= max(abs(low), abs(high)) * 1e-9:
         high = low + (abs(low) or 1.0)
     raw = (high - low) / max(1, count)
     magnitude = 10 ** math.floor(math.log10(raw))
     step = next(m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw)
     start = math.floor(low / step) * step
-    ticks = []
-    value = start
-    while value <= high + step * 1e-9:
-        ticks.append(round(value, 12))
-        value += step
-    if ticks[-1] < high:
-        ticks.append(round(value, 12))
-    return ticks
+    steps = min(4 * count, math.ceil((high - start) / step - 1e-9))
+    return [round(start + k * step, 12) for k in range(steps + 1)]
 
 
 def _tick_label(value: float) -> str:
