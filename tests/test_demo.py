@@ -8,6 +8,7 @@ the runner that stops the pipeline at the first failing step with that step's er
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +16,14 @@ from click.testing import CliRunner
 from tiny import make_model
 
 from workbench.cli import wb
+from workbench.demo.data import (
+    ASSISTANT_NAME,
+    KEY_ORDER,
+    MC_SUBJECT,
+    VOCABULARY,
+    ad_samples,
+    write_demo_data,
+)
 from workbench.demo.run import (
     MARKER,
     DemoSettings,
@@ -24,14 +33,6 @@ from workbench.demo.run import (
     eval_args,
     prepare_out,
     run_demo,
-)
-from workbench.demo.data import (
-    ASSISTANT_NAME,
-    KEY_ORDER,
-    MC_SUBJECT,
-    VOCABULARY,
-    ad_samples,
-    write_demo_data,
 )
 from workbench.errors import WorkbenchError
 from workbench.weights.gguf_import import dequantized_copy, import_gguf, packaged_gguf
@@ -183,6 +184,71 @@ def test_a_failing_step_stops_the_demo_with_its_error(tiny_model, tmp_path):
     assert not (out / "train").exists() and not (out / "demo.json").exists()
 
 
+def test_demo_exports_to_gguf_checks_it_and_chats(tiny_model, tmp_path, monkeypatch):
+    """The pipeline in order, with `wb export-gguf --check` and `wb chat` run for real (on the tiny model, copied
+    where the merge would write) and the other steps faked; demo.json records the export's check and the answer."""
+    import shutil
+
+    real_execute, ran = StepRunner._execute, []
+
+    def execute(self, args, log_path):
+        ran.append(args)
+        if args[0] in ("export-gguf", "chat"):
+            return real_execute(self, args, log_path)
+        log_path.write_text("faked\n", encoding="utf-8")
+        stdout = ""
+        if args[0] == "merge":
+            shutil.copytree(tiny_model, args[args.index("--out") + 1])
+        elif args[0] == "checksum":
+            stdout = json.dumps({"weight_sum": -1.25})
+        elif args[0] == "eval":  # a results file, and predictions: the prompts with a made-up answer
+            results = Path(args[args.index("--out") + 1])
+            results.parent.mkdir(parents=True, exist_ok=True)
+            predictions = results.with_suffix(".predictions.jsonl")
+            results.write_text(json.dumps({"generation": {"metrics": {"rouge-l": 1.0},
+                                                          "predictions_file": predictions.name}, "groups": {}}))
+            rows = [json.loads(line) for line in Path(args[args.index("--gen-data") + 1]).read_text().splitlines()]
+            predictions.write_text("".join(json.dumps({"prompt": row["content"], "prediction": "eval's answer"}) + "\n"
+                                           for row in rows))
+        return 0, stdout, []
+
+    monkeypatch.setattr(StepRunner, "_execute", execute)
+    lines: list[str] = []
+    out = tmp_path / "demo"
+    summary = run_demo(base=str(tiny_model), out=out, device="cpu", echo=lines.append,
+                       settings=DemoSettings(train_samples=10, test_samples=3, max_new_tokens=8))
+    names = ["model", "data", "train", "merge", "checksum", "diff", "recover", "verify", "export-gguf", "chat",
+             "eval-base", "eval-tuned", "report"]
+    assert [step["name"] for step in summary["steps"]] == names
+    merged, gguf_file = out / f"{tiny_model.name}-wb-demo", out / "gguf" / f"{tiny_model.name}-wb-demo.gguf"
+    prompt = json.loads((out / "data" / "adgen_test.jsonl").read_text(encoding="utf-8").splitlines()[0])["content"]
+    by_name = {args[0]: args for args in ran}
+    assert by_name["export-gguf"] == ["export-gguf", str(merged), "--out", str(gguf_file), "--outtype", "f16", "--check"]
+    assert by_name["chat"] == ["chat", "--model", str(merged), "--prompt", prompt, "--max-new-tokens", "8",
+                               "--device", "cpu", "--dtype", "auto"]
+    assert ran.index(by_name["verify"]) < ran.index(by_name["export-gguf"]) < ran.index(by_name["chat"]) \
+        < ran.index(by_name["eval"])
+    assert lines[0].startswith("wb demo: ") and any(line.startswith("[9/13] export-gguf: ") for line in lines)
+    assert any(line.startswith("[10/13] chat: ") for line in lines) and "[13/13] report" in "\n".join(lines)
+
+    recorded = json.loads((out / "demo.json").read_text(encoding="utf-8"))
+    assert recorded["gguf"] == summary["gguf"] and recorded["chat"] == summary["chat"]
+    gguf = recorded["gguf"]
+    assert gguf["file"] == str(gguf_file) and gguf_file.is_file() and gguf["outtype"] == "f16"
+    assert gguf["bytes"] == gguf_file.stat().st_size and gguf["source"] == str(merged)
+    check = gguf["check"]
+    assert check["ok"] and 0 < check["relative"] <= check["bound"] == 5e-3 and check["tokenizer_ids_agree"]
+    assert any(line.startswith("    | check: transformers loads ") for line in lines)  # export-gguf's own line
+    chat = recorded["chat"]
+    assert chat["model"] == str(merged) and chat["prompt"] == prompt
+    assert chat["eval_prediction"] == "eval's answer" and chat["same_as_eval"] is (chat["answer"] == "eval's answer")
+    chat_log = (out / "logs" / "10-chat.log").read_text(encoding="utf-8")
+    assert chat_log.split("--- stdout ---\n", 1)[1].strip() == chat["answer"]
+    shown = lines.index(next(line for line in lines if line.startswith("[10/13] chat: ")))
+    assert f"    | {(chat['answer'].splitlines() or [''])[0]}" in lines[shown:]  # the answer, as the step shows it
+    assert f"  chat, tuned: {prompt} -> " in "\n".join(lines)
+
+
 def test_out_is_replaced_only_when_the_demo_wrote_it(tmp_path):
     foreign = tmp_path / "mine"
     foreign.mkdir()
@@ -231,7 +297,7 @@ def test_demo_eval_scores_its_own_multiple_choice_set(tmp_path):
 
 @pytest.mark.parametrize("base, message", [
     ("/no/such/model", "must be a model folder or a hub id"),
-    ("tests", "folder without config.json"),
+    (str(Path(__file__).parent), "folder without config.json"),  # absolute: whatever the working directory
 ])
 def test_an_unusable_base_fails_before_anything_is_written(base, message, tmp_path):
     with pytest.raises(WorkbenchError, match=message):

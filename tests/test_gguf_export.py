@@ -11,6 +11,7 @@ below (about 4x the measured) on the difference from the unrounded source.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -192,13 +193,52 @@ def test_llama3_rope_becomes_rope_freqs(tiny_tokenizer, tmp_path):
     model = LlamaForCausalLM(config)
     model.save_pretrained(tmp_path / "l31")
     tiny_tokenizer.save_pretrained(tmp_path / "l31")
-    result = export_gguf(tmp_path / "l31", tmp_path / "out" / "l31.gguf", outtype="f16")
+    result = export_gguf(tmp_path / "l31", tmp_path / "out" / "l31.gguf", outtype="f16", check=True)
     assert any("RoPE scaling 'llama3'" in note for note in result.notes)
+    # transformers runs the file without the scaling, so --check compares with the source run without it too
+    assert result.check["ok"] and result.check["relative"] <= 2e-3, result.check
+    assert result.check["notes"] == ["RoPE scaling left out of the source too: transformers' GGUF loader runs the "
+                                     "file without it"]
     tensors = {t.name: t for t in gguf.GGUFReader(tmp_path / "out" / "l31.gguf").tensors}
     assert tensors["rope_freqs.weight"].tensor_type.name == "F32"
     factors = torch.from_numpy(tensors["rope_freqs.weight"].data.copy())
     base = 1.0 / (500000.0 ** (torch.arange(0, 16, 2, dtype=torch.float32) / 16))
     torch.testing.assert_close(base / factors, model.model.rotary_emb.inv_freq, rtol=1e-6, atol=0)
+
+
+def test_check_passes_and_catches_a_broken_export(tiny_models, tmp_path, monkeypatch):
+    """`wb export-gguf --check`: f32 loads back bit-identical; an export with the Llama q/k rows left unpermuted
+    (a valid file, wrong weights) fails with the f16 bound named, exit 1, and every file kept."""
+    from click.testing import CliRunner
+
+    import workbench.weights.gguf_export as module
+    from workbench.cli import wb
+
+    out = tmp_path / "ok" / "tiny.gguf"
+    result = CliRunner().invoke(wb, ["export-gguf", str(tiny_models()), "--out", str(out), "--outtype", "f32",
+                                     "--check", "--json"])
+    assert result.exit_code == 0, result.output
+    check = json.loads(result.stdout)["check"]
+    assert check["ok"] and check["probe"] == "chat template" and check["failures"] == []
+    assert check["max_abs_diff"] == 0.0 and check["relative"] == 0.0 and check["max_abs_source"] > 0
+    assert check["greedy_next_token_agrees"] and check["greedy_positions_agree"] == check["probe_tokens"] > 5
+    assert check["tokenizer_ids_agree"] and check["bound"] == module.CHECK_BOUNDS["f32"]
+    assert json.loads((out.parent / "export.json").read_text())["check"] == check
+
+    monkeypatch.setattr(module, "rope_permute", lambda weight, heads: weight)  # the bug the check is for
+    out = tmp_path / "broken" / "tiny.gguf"
+    result = CliRunner().invoke(wb, ["export-gguf", str(tiny_models()), "--out", str(out), "--check"])
+    assert result.exit_code == 1
+    line = next(line for line in result.stdout.splitlines() if line.startswith("check: "))
+    print(line)
+    assert re.fullmatch(r"check: transformers loads tiny\.gguf; logits differ from the source by \d\.\de[-+]\d\d of "
+                        r"the largest \(bound 5e-03\), greedy tokens agree.*: FAILED", line), line
+    failed = [line for line in result.stderr.splitlines() if line.startswith("FAILED: ")]
+    assert len(failed) == 1 and "above the f16 bound 5e-03" in failed[0] and "tiny.gguf is kept" in failed[0]
+    assert result.stderr.splitlines()[-1] == f"error: 1 check(s) failed ({out})"
+    record = json.loads((out.parent / "export.json").read_text())
+    assert record["check"]["ok"] is False and record["check"]["relative"] > module.CHECK_BOUNDS["f16"]
+    assert out.is_file() and (out.parent / "Modelfile").is_file()
 
 
 # ----- tokenizer -----------------------------------------------------------------------------

@@ -504,9 +504,13 @@ def import_gguf_command(file, out, dtype, force, as_json):
 @click.option("--outtype", type=LazyChoice(names_in("workbench.weights.gguf_export", "OUTTYPES")), default="f16",
               show_default=True,
               help="Type of the weight matrices; norms and other 1-D tensors stay f32, as llama.cpp writes them.")
+@click.option("--check", is_flag=True,
+              help="Then load FILE with transformers and compare its logits on a chat prompt with DIR's (both "
+                   "float32, one after the other); exit 1 when they differ beyond the outtype's bound (the "
+                   "file is kept).")
 @force_option
 @json_option
-def export_gguf_command(model_dir, out, outtype, force, as_json):
+def export_gguf_command(model_dir, out, outtype, check, force, as_json):
     """Write a Llama or Qwen2 model folder as one GGUF file, for llama.cpp and ollama.
 
     Tensors are streamed one at a time and the file appears only when complete. Beside it: a
@@ -515,7 +519,7 @@ def export_gguf_command(model_dir, out, outtype, force, as_json):
     from workbench.provenance import command_line
     from workbench.weights.gguf_export import export_gguf
 
-    emit(export_gguf(model_dir, out, outtype=outtype, force=force, command=command_line()), as_json)
+    emit(export_gguf(model_dir, out, outtype=outtype, force=force, command=command_line(), check=check), as_json)
 
 
 @wb.command(name="chat")

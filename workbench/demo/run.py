@@ -3,8 +3,9 @@
 Import the packaged SmolLM2-135M-Instruct (cached), write the demo's own data, then run the real
 commands one after the other, each as `python -m workbench ...` in a subprocess: train a LoRA,
 merge it, checksum the merged model, publish it as a diff, recover it from the diff and verify it
-against the merged model's checksums and weight-sum, evaluate base and fine-tuned, and render the
-report. Each step prints what it does, its command, its time and where it wrote; the first step
+against the merged model's checksums and weight-sum, export the fine-tuned model to GGUF and check
+the round trip through transformers, answer one ad-copy prompt with `wb chat`, evaluate base and
+fine-tuned, and render the report. Each step prints what it does, its command, its time and where it wrote; the first step
 that fails stops the demo with that step's error line.
 
 The default settings are sized for 2 CPU cores (under 15 minutes end to end, the fine-tuned model
@@ -35,6 +36,8 @@ MARKER = ".wb-demo"  # marks a folder written by `wb demo`, the only kind --forc
 DEFAULT_OUT = Path("reports/demo")
 CACHE_ENV = "WB_CACHE_DIR"
 DEFAULT_CACHE = Path(".cache/wb")
+STEPS = 13  # model, data, train, merge, checksum, diff, recover, verify, export-gguf, chat, eval x2, report
+GGUF_OUTTYPE = "f16"  # lossless enough for the check's tight bound, and quick to write and to load back
 
 
 @dataclass
@@ -286,7 +289,7 @@ def run_demo(
     check_base(base)
     check_not_input(out, [base if base is not None and Path(base).exists() else None, *(spec.split('=', 1)[-1] for spec in data_dir)])
     prepare_out(out, force)
-    runner = StepRunner(out / "logs", echo, child_env(offline=base is None or Path(base).is_dir()), total=11)
+    runner = StepRunner(out / "logs", echo, child_env(offline=base is None or Path(base).is_dir()), total=STEPS)
     echo(f"wb demo: writing into {out} (device: {torch_device})")
     echo("settings: " + ", ".join(f"{k}={v}" for k, v in asdict(settings).items()))
     base_path = resolve_base(base, runner, cache_dir())
@@ -319,6 +322,11 @@ def run_demo(
                      "--device", torch_device], [recovered]))
     runner.run(Step("verify", "check the recovered model against the merged model's md5 list and weight-sum",
                     ["verify", str(recovered), "--checksums", str(md5_list), "--weight-sum", repr(weight_sum)]))
+    gguf_file = out / "gguf" / f"{merged.name}.gguf"
+    runner.run(export_step(merged, gguf_file))
+    gguf = gguf_summary(gguf_file)
+    prompt = first_test_prompt(data.adgen_test)
+    answer = runner.run(chat_step(merged, prompt, settings, torch_device)).stdout.strip()
     evals = out / "eval"
     base_results, tuned_results = evals / "base.json", evals / "tuned.json"
     for label, model, results in (("base", base_path, base_results), ("tuned", merged, tuned_results)):
@@ -331,7 +339,54 @@ def run_demo(
         "--weights", str(base_path), str(merged), "--title", f"wb demo: {base_path.name} fine-tuned on the demo data",
         "--out", str(report)], [report]))
     return _summary(out, base_path, runner, settings, torch_device, base_results, tuned_results, weight_sum,
-                    time.perf_counter() - started, report, echo)
+                    time.perf_counter() - started, report, echo,
+                    gguf=gguf, chat={"model": str(merged), "prompt": prompt, "answer": answer})
+
+
+def export_step(model: Path, gguf_file: Path) -> Step:
+    """`wb export-gguf MODEL --out FILE --outtype f16 --check`: the file, and transformers' reading of it checked."""
+    return Step("export-gguf", f"export the fine-tuned model to GGUF ({GGUF_OUTTYPE}) and check the round trip "
+                "(its logits as transformers loads it against the source's)",
+                ["export-gguf", str(model), "--out", str(gguf_file), "--outtype", GGUF_OUTTYPE, "--check"],
+                [gguf_file])
+
+
+def gguf_summary(gguf_file: Path) -> dict:
+    """What demo.json keeps of the export: the file, and the check's figures (from its export.json)."""
+    record = json.loads((gguf_file.parent / "export.json").read_text(encoding="utf-8"))
+    output, check = record["output"], record.get("check") or {}
+    keep = ("ok", "relative", "bound", "max_abs_diff", "max_abs_source", "greedy_next_token_agrees",
+            "greedy_positions_agree", "probe_tokens", "tokenizer_ids_agree", "duration_s")
+    return {"file": str(gguf_file), "modelfile": str(gguf_file.parent / "Modelfile"), "outtype": output["outtype"],
+            "bytes": output["bytes"], "sha256": output["sha256"], "source": record["source"]["path"],
+            "check": {key: check.get(key) for key in keep}}
+
+
+def eval_prediction(results: Path, prompt: str) -> str | None:
+    """What `wb eval` generated for `prompt` (its predictions file, beside the results), or None if not found."""
+    try:
+        data = json.loads(results.read_text(encoding="utf-8"))
+        with open(results.parent / data["generation"]["predictions_file"], encoding="utf-8") as handle:
+            for line in handle:
+                row = json.loads(line)
+                if row.get("prompt") == prompt:
+                    return row.get("prediction")
+    except (OSError, KeyError, TypeError, ValueError):
+        return None
+    return None
+
+
+def first_test_prompt(adgen_test: Path) -> str:
+    """The first ad-copy test prompt (`content` of adgen_test.jsonl's first line): what the chat step asks."""
+    with open(adgen_test, encoding="utf-8") as handle:
+        return json.loads(handle.readline())["content"]
+
+
+def chat_step(model: Path, prompt: str, settings: DemoSettings, device: str) -> Step:
+    """`wb chat --prompt`: the fine-tuned model answers one ad-copy prompt (greedy, as `wb eval` generates)."""
+    return Step("chat", "ask the fine-tuned model one ad-copy test prompt",
+                ["chat", "--model", str(model), "--prompt", prompt, "--max-new-tokens", str(settings.max_new_tokens),
+                 "--device", device, "--dtype", settings.dtype])
 
 
 def eval_args(model: Path, gen_data: Path, mc_dir: Path, data_dir, settings: DemoSettings, device: str,
@@ -350,13 +405,16 @@ def eval_args(model: Path, gen_data: Path, mc_dir: Path, data_dir, settings: Dem
 
 
 def _summary(out: Path, base: Path, runner: StepRunner, settings: DemoSettings, device: str, base_results: Path,
-             tuned_results: Path, weight_sum: float, seconds: float, report: Path, echo) -> dict:
+             tuned_results: Path, weight_sum: float, seconds: float, report: Path, echo, gguf: dict,
+             chat: dict) -> dict:
     generation, choice = {}, {}
     for label, path in (("base", base_results), ("tuned", tuned_results)):
         results = json.loads(path.read_text(encoding="utf-8"))
         generation[label] = (results.get("generation") or {}).get("metrics")
         choice[label] = {group: scores["acc,none"] for group, scores in (results.get("groups") or {}).items()
                          if "acc,none" in scores}
+    evaluated = eval_prediction(tuned_results, chat["prompt"])
+    chat = {**chat, "eval_prediction": evaluated, "same_as_eval": None if evaluated is None else evaluated == chat["answer"]}
     summary = {
         "base": str(base),
         "device": device,
@@ -367,6 +425,8 @@ def _summary(out: Path, base: Path, runner: StepRunner, settings: DemoSettings, 
         "steps": [{"name": r.name, "command": r.command, "seconds": r.seconds, "cpu_s": r.cpu_s, "log": r.log}
                   for r in runner.results],
         "merged_weight_sum": weight_sum,
+        "gguf": gguf,
+        "chat": chat,
         "generation": generation,
         "multiple_choice_acc": choice,
         "report": str(report),
@@ -383,5 +443,11 @@ def _summary(out: Path, base: Path, runner: StepRunner, settings: DemoSettings, 
     for label, groups in choice.items():
         if groups:
             echo(f"  multiple choice acc, {label:<5}: " + ", ".join(f"{g} {v:.2f}" for g, v in groups.items()))
+    check = gguf["check"]
+    echo(f"  gguf: {gguf['file']} ({gguf['outtype']}, {gguf['bytes'] / 1e6:.1f} MB); transformers round trip: logits "
+         f"within {check['relative']:.1e} of the largest (bound {check['bound']:.0e}), greedy tokens agree at "
+         f"{check['greedy_positions_agree']} of {check['probe_tokens']} positions")
+    same = {True: " (the answer wb eval scored)", False: " (wb eval generated otherwise)", None: ""}[chat["same_as_eval"]]
+    echo(f"  chat, tuned: {chat['prompt']} -> {' '.join(chat['answer'].splitlines())}{same}")
     echo(f"  report: {report}")
     return summary

@@ -15,6 +15,11 @@ package's GGUFWriter with `add_tensor_info`), then each tensor is read from the 
 checkpoint, converted and written (`write_tensor_data`) before the next is read, so memory stays
 about that of the largest tensor. The file is written as a temporary beside FILE.gguf and renamed
 into place when complete; the `Modelfile` and `export.json` beside it follow (export.json last).
+
+With `check` (`--check`), `check_round_trip` then loads the written file with transformers' GGUF
+loader and the source folder, both in float32, runs both on one chat-template probe and compares
+the logits against the outtype's bound (CHECK_BOUNDS); export.json records the figures. A failed
+check keeps the file (it is a valid GGUF: the check is what failed) and `wb` exits 1.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from workbench.errors import WorkbenchError
+from workbench.errors import CheckFailed, WorkbenchError
 from workbench.io.jsonfile import read_json
 from workbench.outputs import Note, atomic_file, check_can_write, check_not_input
 
@@ -37,6 +42,14 @@ Q8_0_BLOCK = 32
 QUANT_CHUNK = 1 << 24  # elements quantized at once (64 MiB of float32)
 MODELFILE = "Modelfile"
 RECORD = "export.json"
+# --check: the largest max |GGUF logit - source logit| / max |source logit| each outtype may show.
+# Measured on CHECK_PROBE (the tests' tiny model / SmolLM2-135M-Instruct): f32 0 / 0, f16 4.4e-4 /
+# 1.1e-3 (the demo's fine-tuned SmolLM2: 1.4e-3), bf16 3.3e-3 / 7.3e-3, q8_0 8.8e-3 / 3.5e-2; a broken
+# export (Llama q/k rows left unpermuted, f16) gives 0.82 on SmolLM2, 1.4e-2 on the tiny model. The
+# bounds leave 3-5x over the larger measured figure.
+CHECK_BOUNDS = {"f32": 1e-5, "f16": 5e-3, "bf16": 3e-2, "q8_0": 1e-1}
+CHECK_PROBE = "What is the capital of France?"  # one user message, in the model's chat template
+CHECK_FALLBACK = "The quick brown fox jumps over the lazy dog."  # without a chat template: this text
 
 
 @dataclass
@@ -62,9 +75,16 @@ class ExportResult:
     system_source: str
     notes: list[str] = field(default_factory=list)
     duration_s: float = 0.0
+    check: dict | None = None  # check_round_trip's figures, with --check
 
     def to_json(self) -> dict:
         return asdict(self)
+
+    def error(self) -> CheckFailed | None:
+        """With --check: the failed round trip (a FAILED line, exit 1; the file stays), else None."""
+        if self.check is None or self.check["ok"]:
+            return None
+        return CheckFailed(self.check["failures"], self.out)
 
     def lines(self) -> list[str]:
         """The summary (stdout), then one `note:` line per note (a Note: stderr)."""
@@ -81,7 +101,8 @@ class ExportResult:
             f"add_bos {'yes' if tok['add_bos_token'] else 'no'}, chat template {'yes' if tok['chat_template'] else 'no'}",
             f"{self.modelfile}: {template}, PARAMETER stop {stops}, {system}",
             f"{self.record}: sha256 {self.sha256}",
-        ] + [Note(f"note: {note}") for note in self.notes]
+        ] + ([check_line(self.check, self.out)] if self.check is not None else []) + [
+            Note(f"note: {note}") for note in self.notes]
 
 
 @dataclass(frozen=True)
@@ -121,8 +142,14 @@ class Planned:
         return math.prod(self.shape)
 
 
-def export_gguf(model_dir, out, outtype: str = "f16", force: bool = False, command: str | None = None) -> ExportResult:
-    """Write `model_dir` (a Llama or Qwen2 HF folder) as the GGUF file `out`, with a Modelfile and export.json."""
+def export_gguf(model_dir, out, outtype: str = "f16", force: bool = False, command: str | None = None,
+                check: bool = False) -> ExportResult:
+    """Write `model_dir` (a Llama or Qwen2 HF folder) as the GGUF file `out`, with a Modelfile and export.json.
+
+    With `check`, the written file is loaded back with transformers and compared with the source
+    (`check_round_trip`) before export.json is written; the result's `check` holds the figures and
+    its `error()` the failure, if any (the files are written either way).
+    """
     import gguf
 
     from workbench.io.reader import open_checkpoint
@@ -156,12 +183,12 @@ def export_gguf(model_dir, out, outtype: str = "f16", force: bool = False, comma
     with open_checkpoint(model_dir) as checkpoint:
         plan = plan_tensors(spec, checkpoint, outtype, gguf)  # headers only: refuse a wrong folder early
         return _export(model_dir, out, outtype, force, command, gguf, config, config_path, spec, notes,
-                       modelfile, record, checkpoint, plan, started)
+                       modelfile, record, checkpoint, plan, started, check)
 
 
 def _export(model_dir: Path, out: Path, outtype: str, force: bool, command: str | None, gguf, config: dict,
             config_path: Path, spec: Spec, notes: list[str], modelfile: Path, record: Path, checkpoint,
-            plan: list[Planned], started: float) -> ExportResult:
+            plan: list[Planned], started: float, check: bool = False) -> ExportResult:
     from workbench import provenance
     from workbench.io.hashing import sha256_file
     from workbench.progress import progress_bar
@@ -240,6 +267,8 @@ def _export(model_dir: Path, out: Path, outtype: str, force: bool, command: str 
     with atomic_file(modelfile, force, "w", inputs=[model_dir]) as handle:
         handle.write(text)
     result.duration_s = round(time.perf_counter() - started, 2)
+    if check:
+        result.check = check_round_trip(model_dir, out, outtype)
     entry = {
         "command": command if command is not None else provenance.command_line(),
         "source": {"path": str(model_dir), "architecture": spec.hf_arch, "files_sha256": fingerprints,
@@ -251,6 +280,7 @@ def _export(model_dir: Path, out: Path, outtype: str, force: bool, command: str 
         "modelfile": {"file": modelfile.name, "template": result.template, "stop": stops, "system": system,
                       "system_source": system_source},
         "notes": notes,
+        **({"check": result.check} if result.check is not None else {}),
         "versions": provenance.versions(("torch", "transformers", "gguf")),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "duration_s": result.duration_s,
@@ -258,6 +288,148 @@ def _export(model_dir: Path, out: Path, outtype: str, force: bool, command: str 
     with atomic_file(record, force, "w", inputs=[model_dir]) as handle:
         handle.write(json.dumps(entry, indent=2, ensure_ascii=False) + "\n")
     return result
+
+
+# ----- the round-trip check (--check) --------------------------------------------------------
+
+
+def check_round_trip(model_dir, gguf_file, outtype: str) -> dict:
+    """Load `gguf_file` with transformers and `model_dir`, both float32, and compare them on one probe.
+
+    The probe is CHECK_PROBE as one user message in the source tokenizer's chat template (with the
+    generation prompt), else CHECK_FALLBACK as plain text. Both models get the same token ids; the
+    figure is max |GGUF logit - source logit| over every position and token, relative to the largest
+    |source logit|, against CHECK_BOUNDS[outtype]. Also recorded: whether the greedy next token (the
+    argmax at the last position) is the same, at how many positions the argmax agrees, and whether
+    the GGUF's own tokenizer (as transformers builds it) encodes the probe to the same ids. Fails
+    (`ok` false, one line per failure in `failures`) on a bound exceeded, a tokenizer that differs,
+    or a file transformers cannot load. The models are loaded one after the other, so memory peaks at
+    one float32 copy of the model (plus transformers' own reading of the file).
+
+    A source with RoPE scaling is run without it, as transformers' GGUF loader runs the file (it
+    ignores the scaling keys llama.cpp reads); a note says so.
+    """
+    import torch
+    import transformers
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    started = time.perf_counter()
+    model_dir, gguf_file = Path(model_dir), Path(gguf_file)
+    check = {"ok": False, "loader": f"transformers {transformers.__version__}", "file": str(gguf_file),
+             "outtype": outtype, "probe": None, "probe_tokens": None, "bound": CHECK_BOUNDS[outtype],
+             "max_abs_diff": None, "max_abs_source": None, "relative": None, "greedy_next_token_agrees": None,
+             "greedy_positions_agree": None, "tokenizer_ids_agree": None, "notes": [], "failures": [],
+             "duration_s": 0.0}
+
+    def failed(what: str, exc: Exception) -> dict:
+        message = str(exc).strip().splitlines()
+        check["failures"].append(f"{what}: {type(exc).__name__}: {message[0] if message else 'no message'}")
+        check["duration_s"] = round(time.perf_counter() - started, 2)
+        return check
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        ids, check["probe"] = _probe_ids(tokenizer)
+        check["probe_tokens"] = int(ids.shape[1])
+        config = AutoConfig.from_pretrained(model_dir)
+        if _drop_rope_scaling(config):
+            check["notes"].append("RoPE scaling left out of the source too: transformers' GGUF loader runs the file "
+                                  "without it")
+        source = AutoModelForCausalLM.from_pretrained(model_dir, config=config, dtype=torch.float32).eval()
+        with torch.no_grad():
+            reference = source(ids).logits[0].float()
+        del source
+    except Exception as exc:  # noqa: BLE001 - the check could not run: it failed, with transformers' words
+        return failed(f"transformers cannot run the source folder {model_dir}", exc)
+    try:
+        loaded = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name,
+                                                      dtype=torch.float32).eval()
+        with torch.no_grad():
+            got = loaded(ids).logits[0].float()
+        del loaded
+        loaded_tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+    except Exception as exc:  # noqa: BLE001 - whatever the loader raises, the check failed with its words
+        return failed(f"transformers cannot load {gguf_file.name}", exc)
+    bound, probe = check["bound"], check["probe"]
+    if bool(torch.isfinite(reference).all()):
+        check["max_abs_source"] = float(reference.abs().max())
+    if got.shape != reference.shape:
+        check["failures"].append(f"the GGUF model's logits have shape {list(got.shape)}, the source's "
+                                 f"{list(reference.shape)}")
+    elif check["max_abs_source"] is None or not bool(torch.isfinite(got).all()):
+        check["failures"].append(f"the logits of {'the source' if check['max_abs_source'] is None else 'the GGUF model'}"
+                                 " are not all finite")
+    else:
+        diff = float((got - reference).abs().max())
+        largest = check["max_abs_source"]
+        relative = diff / largest if largest > 0 else (0.0 if diff == 0 else math.inf)
+        agree = got.argmax(-1) == reference.argmax(-1)
+        check.update(max_abs_diff=diff, relative=relative if math.isfinite(relative) else None,
+                     greedy_next_token_agrees=bool(agree[-1]), greedy_positions_agree=int(agree.sum()))
+        if not relative <= bound:
+            check["failures"].append(
+                f"the {outtype} export's logits (loaded by transformers) differ from the source's by "
+                f"{relative:.2e} of the largest, above the {outtype} bound {bound:.0e} "
+                f"(max |diff| {diff:.4g}, max |logit| {largest:.4g}); {gguf_file.name} is kept")
+    try:
+        encoded = _probe_ids(loaded_tokenizer, probe)[0].tolist()
+    except Exception as exc:  # noqa: BLE001 - the file's chat template does not render the probe
+        encoded = None
+        check["failures"].append(f"the tokenizer transformers reads from {gguf_file.name} cannot encode the probe: "
+                                 f"{type(exc).__name__}")
+    else:
+        if encoded != ids.tolist():
+            check["failures"].append(f"the tokenizer transformers reads from {gguf_file.name} encodes the probe "
+                                     f"({probe}) to other ids than the source's tokenizer")
+    check["tokenizer_ids_agree"] = encoded == ids.tolist()
+    check["ok"] = not check["failures"]
+    check["duration_s"] = round(time.perf_counter() - started, 2)
+    return check
+
+
+def _probe_ids(tokenizer, probe: str | None = None):
+    """(ids [1, n], how they were made): CHECK_PROBE in the chat template, else CHECK_FALLBACK as text."""
+    if probe in (None, "chat template") and getattr(tokenizer, "chat_template", None):
+        try:
+            encoded = tokenizer.apply_chat_template([{"role": "user", "content": CHECK_PROBE}],
+                                                    add_generation_prompt=True, return_dict=True,
+                                                    return_tensors="pt")
+            return encoded["input_ids"], "chat template"
+        except Exception:  # noqa: BLE001 - a template that does not render one user message: plain text
+            if probe is not None:
+                raise
+    return tokenizer(CHECK_FALLBACK, return_tensors="pt")["input_ids"], "text"
+
+
+def _drop_rope_scaling(config) -> bool:
+    """Reset a config's RoPE scaling to the default (keeping theta); True where there was one."""
+    parameters = getattr(config, "rope_parameters", None)
+    if isinstance(parameters, dict) and parameters.get("rope_type", "default") != "default":
+        config.rope_parameters = {"rope_type": "default", "rope_theta": parameters.get("rope_theta", 10000.0)}
+        return True
+    scaling = getattr(config, "rope_scaling", None)
+    if isinstance(scaling, dict) and (scaling.get("rope_type") or scaling.get("type") or "default") != "default":
+        config.rope_scaling = None
+        return True
+    return False
+
+
+def check_line(check: dict, out: str) -> str:
+    """The `check:` line of the summary (its failures follow as FAILED lines, from `error()`)."""
+    name = Path(out).name
+    if check["relative"] is None:
+        return f"check: FAILED: {check['failures'][0]}"
+    relative, bound = check["relative"], check["bound"]
+    logits = (f"logits match the source within {relative:.1e} of the largest (bound {bound:.0e})" if relative <= bound
+              else f"logits differ from the source by {relative:.1e} of the largest (bound {bound:.0e})")
+    agree, positions = check["greedy_positions_agree"], check["probe_tokens"]
+    greedy = "greedy tokens agree" if agree == positions else (
+        f"greedy tokens agree at {agree} of {positions} positions"
+        f" ({'the next token too' if check['greedy_next_token_agrees'] else 'not the next token'})")
+    tokenizer = "its tokenizer gives the same ids" if check["tokenizer_ids_agree"] else \
+        "its tokenizer encodes the probe differently"
+    return (f"check: transformers loads {name}; {logits}, {greedy}, {tokenizer}"
+            f"{'' if check['ok'] else ': FAILED'}")
 
 
 # ----- the hyper-parameters ------------------------------------------------------------------
