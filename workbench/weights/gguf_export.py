@@ -268,7 +268,15 @@ def _export(model_dir: Path, out: Path, outtype: str, force: bool, command: str 
         handle.write(text)
     result.duration_s = round(time.perf_counter() - started, 2)
     if check:
-        result.check = check_round_trip(model_dir, out, outtype)
+        from transformers.utils import logging as transformers_logging
+
+        bars = transformers_logging.is_progress_bar_enabled()
+        transformers_logging.disable_progress_bar()  # its "Loading weights" bars around the check's line
+        try:
+            result.check = check_round_trip(model_dir, out, outtype)
+        finally:
+            if bars:
+                transformers_logging.enable_progress_bar()
     entry = {
         "command": command if command is not None else provenance.command_line(),
         "source": {"path": str(model_dir), "architecture": spec.hf_arch, "files_sha256": fingerprints,
