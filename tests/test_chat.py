@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
+from clicheck import assert_one_error
 from click.testing import CliRunner
 from tiny import CHATML_TEMPLATE, make_model, make_tokenizer
 
@@ -163,15 +164,6 @@ def lora_for(model, path: Path, **config) -> Path:
     return path
 
 
-def assert_one_error(result, *fragments: str) -> str:
-    """Exit 1, stderr exactly one line `error: ...` containing `fragments`, no traceback."""
-    assert result.exit_code == 1, (result.exit_code, result.output, result.exception)
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert "Traceback" not in result.output + result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
-    return lines[0]
 
 
 def test_json_answers_every_prompt_of_one_conversation(tiny_model):

@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+from clicheck import assert_one_error
 from click.testing import CliRunner
 from conftest import shared_path
 
@@ -409,16 +410,6 @@ class NotATensor:
     """Pickled into a weights file: `torch.load(weights_only=True)` refuses it (and nothing here unpickles it)."""
 
 
-def assert_one_error(result, *fragments: str) -> str:
-    """Exit 1, stderr exactly one line `error: ...` containing `fragments`, no traceback anywhere."""
-    assert result.exit_code == 1, (result.exit_code, result.output, result.exception)
-    assert isinstance(result.exception, SystemExit), result.exception
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert "Traceback" not in result.output + result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
-    return lines[0]
 
 
 def eval_gen(tmp_path: Path, model: Path, *extra: str):
