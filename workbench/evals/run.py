@@ -21,6 +21,7 @@ from workbench import provenance
 from workbench.errors import WorkbenchError
 from workbench.evals.results import LM_EVAL_KEYS, RESULTS_VERSION
 from workbench.io.hashing import sha256_file
+from workbench.io.jsonfile import read_model_config
 from workbench.outputs import Note, atomic_file, check_can_write, check_not_input
 
 VERSIONED = ("torch", "transformers", "peft", "lm_eval")  # provenance.versions: RESULTS.json's libraries
@@ -382,10 +383,8 @@ def _shape(shape: tuple) -> str:
 
 def _config_vocab_size(model: Path) -> int | None:
     try:
-        config = json.loads((model / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    if not isinstance(config, dict):
+        config = read_model_config(model, "config.json, tokenizer and weights")
+    except WorkbenchError:  # transformers reports a missing or damaged config.json when it loads the model
         return None
     for source in (config, config.get("text_config")):
         if isinstance(source, dict) and isinstance(source.get("vocab_size"), int):

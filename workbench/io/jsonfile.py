@@ -33,3 +33,18 @@ def read_json(path: Path, what: str, allow_nan: bool = True, problem: str | None
 
 def _refuse_constant(name: str) -> None:
     raise ValueError(f"{name} is not a number JSON allows")
+
+
+def read_model_config(folder: Path, needs: str) -> dict:
+    """A model folder's config.json as an object; `needs` names what the command reads from the
+    folder, for the message when it is not a folder at all."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise WorkbenchError(f"not a model folder ({needs})", folder)
+    file = folder / "config.json"
+    if not file.is_file():
+        raise WorkbenchError("model folder has no config.json", folder)
+    config = read_json(file, "config.json")
+    if not isinstance(config, dict):
+        raise WorkbenchError("config.json is not a JSON object", file)
+    return config

@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from workbench.errors import CheckFailed, WorkbenchError
-from workbench.io.jsonfile import read_json
+from workbench.io.jsonfile import read_model_config
 from workbench.outputs import Note, atomic_file, check_can_write, check_not_input
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
@@ -160,15 +160,8 @@ def export_gguf(model_dir, out, outtype: str = "f16", force: bool = False, comma
         raise WorkbenchError(f"unknown --outtype {outtype!r}; use one of {', '.join(OUTTYPES)}")
     if out.suffix.lower() != ".gguf":
         raise WorkbenchError("--out must name a .gguf file", out)
-    if not model_dir.is_dir():
-        raise WorkbenchError("not a model folder (export-gguf needs config.json, tokenizer.json and the weights)",
-                             model_dir)
+    config = read_model_config(model_dir, "export-gguf needs config.json, tokenizer.json and the weights")
     config_path = model_dir / "config.json"
-    if not config_path.is_file():
-        raise WorkbenchError("no config.json in the model folder", model_dir)
-    config = read_json(config_path, "config.json")
-    if not isinstance(config, dict):
-        raise WorkbenchError("config.json is not a JSON object", config_path)
     spec = read_spec(config, config_path)
     notes: list[str] = []
     if spec.rope["type"] != "default":

@@ -38,7 +38,7 @@ from workbench.io.writer import (
 from workbench.outputs import atomic_dir, check_can_write, check_not_input
 from workbench.provenance import created, file_fingerprints, versions
 from workbench.weights.adapters.base import MergeSource, open_source
-from workbench.weights.adapters.finetune import read_model_config
+from workbench.weights.adapters.finetune import read_float_model_config
 from workbench.weights.methods import registry
 from workbench.weights.methods.base import MergeBlock, MergeMethod, take_rows
 
@@ -101,7 +101,7 @@ def merge(
     check_can_write(out, force)
     check_not_input(out, [base, *adapters])
 
-    base_config = read_model_config(base)
+    base_config = read_float_model_config(base)
     base_ckpt = open_checkpoint(base)
     tied = bool(base_config.get("tie_word_embeddings", False))
     sources = [open_source(path, base_ckpt, tied) for path in adapters]

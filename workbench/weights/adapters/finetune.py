@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from workbench.errors import WorkbenchError
-from workbench.io.jsonfile import read_json
+from workbench.io.jsonfile import read_model_config
 from workbench.io.reader import Checkpoint, open_checkpoint
 
 
@@ -62,20 +62,13 @@ class FineTune:
 
 def open_fine_tune(path: Path, base: Checkpoint) -> FineTune:
     """The fine-tuned model folder at `path` (a float checkpoint), checked against `base`."""
-    read_model_config(path)
+    read_float_model_config(path)
     return FineTune(path, open_checkpoint(path)).bind(base)
 
 
-def read_model_config(folder: Path) -> dict:
+def read_float_model_config(folder: Path) -> dict:
     """A model folder's config.json, refusing quantized checkpoints (their weights are not floats)."""
-    if not folder.is_dir():
-        raise WorkbenchError("expected a model folder (config.json and weights)", folder)
-    file = folder / "config.json"
-    if not file.is_file():
-        raise WorkbenchError("model folder has no config.json", folder)
-    config = read_json(file, "config.json")
-    if not isinstance(config, dict):
-        raise WorkbenchError("config.json is not a JSON object", file)
+    config = read_model_config(folder, "config.json and weights")
     quantization = config.get("quantization_config")
     if quantization:
         method = quantization.get("quant_method", "unknown") if isinstance(quantization, dict) else "unknown"
