@@ -6,6 +6,8 @@ row blocks, keeps the figure stable to ~1e-12 relative and the memory bounded by
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from workbench.io.blocks import BLOCK_ELEMENTS
@@ -29,3 +31,13 @@ def checkpoint_weight_sum(checkpoint: Checkpoint, on_bytes=None) -> float:
         if on_bytes is not None:
             on_bytes(checkpoint.infos[name].nbytes)
     return total
+
+
+def gains_non_finite(result: torch.Tensor, source: torch.Tensor) -> bool:
+    """True when `result` holds NaN or inf and `source`, what it was computed from, holds none: the
+    sign of a damaged or crafted input (a merge or a recovery must not invent them). The float32 sum
+    is the fast test (finite whenever every entry is, short of sums near 3e38); only a non-finite
+    sum pays for the exact one."""
+    if math.isfinite(float(result.sum(dtype=torch.float32))):
+        return False
+    return not bool(torch.isfinite(result).all()) and bool(torch.isfinite(source).all())

@@ -27,6 +27,7 @@ from workbench.dtypes import TORCH_TO_SAFETENSORS, parse_dtype, resolve_device
 from workbench.errors import WorkbenchError
 from workbench.io.blocks import row_blocks
 from workbench.io.reader import Checkpoint, open_checkpoint
+from workbench.io.weightsum import gains_non_finite
 from workbench.io.writer import (
     MODEL_SIDE_FILES,
     TensorSpec,
@@ -174,11 +175,7 @@ class TensorMerger:
         """Round the float32 result once to the output dtype (a new tensor: `merged` may be the
         reused buffer), refusing NaN/inf that the base did not have."""
         result = merged.to(spec.dtype, copy=True)
-        # a float32 sum is finite exactly when every entry is (short of sums near 3e38)
-        finite = math.isfinite(float(merged.sum()))
-        if finite and spec.dtype == torch.float16:  # fp16 can overflow where float32 does not
-            finite = bool(torch.isfinite(result).all())
-        if not finite and bool(torch.isfinite(base).all()):
+        if gains_non_finite(result, base):  # checked in the output dtype: fp16 overflows where float32 does not
             raise WorkbenchError(
                 f"merging gave NaN or inf in {spec.name!r} (an adapter holds NaN/inf, or the sum overflows {spec.dtype})")
         return result.cpu()
