@@ -390,7 +390,7 @@ def test_existing_output_needs_force(tiny_models, tmp_path):
     ({"intermediate_size": 96}, "has shape"),
     ({"rope_parameters": {"rope_type": "longrope", "rope_theta": 1e4}}, "RoPE scaling 'longrope'"),
     ({"vocab_size": 100}, "has shape"),
-    ({"num_attention_heads": 0}, "must be a positive integer"),
+    ({"num_attention_heads": 0}, "num_attention_heads must be a whole number from 1"),
 ])
 def test_bad_configs_are_refused(tiny_models, tmp_path, change, message):
     folder = _copy(tiny_models(), tmp_path / "m")

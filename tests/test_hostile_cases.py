@@ -288,3 +288,28 @@ def test_output_options_naming_a_folder_where_a_file_is_meant(tmp_path, tiny_mod
     one_error(*run("checksum", tiny_model, "-o", tmp_path / "folder", "--force"))
     assert (tmp_path / "folder").is_dir() and not any((tmp_path / "folder").iterdir())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["folder"]
+
+
+# -- config.json numbers, before transformers builds a model from them ----------------------------------
+@pytest.mark.parametrize("change, fragment", [
+    ({"hidden_size": -64}, "hidden_size must be a whole number"),
+    ({"num_hidden_layers": 2**40}, "num_hidden_layers must be a whole number"),
+    ({"vocab_size": "320"}, "vocab_size must be a whole number"),
+    ({"rms_norm_eps": float("nan")}, "rms_norm_eps must be a finite number"),
+])
+@pytest.mark.parametrize("command", ["merge", "chat", "eval", "export-gguf"])
+def test_crafted_config_numbers_are_one_error_line(tiny_model, adapter, tmp_path, change, fragment, command):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model, model)
+    config = json.loads((model / "config.json").read_text())
+    config.update(change)
+    (model / "config.json").write_text(json.dumps(config))
+    (tmp_path / "gen.jsonl").write_text('{"instruction": "hi", "output": "hello"}\n')
+    args = {
+        "merge": ["merge", "--base", model, "--adapter", adapter, "--out", tmp_path / "out"],
+        "chat": ["chat", "--model", model, "--prompt", "hi"],
+        "eval": ["eval", "--model", model, "--gen-data", tmp_path / "gen.jsonl", "--out", tmp_path / "out" / "r.json"],
+        "export-gguf": ["export-gguf", model, "--out", tmp_path / "out" / "m.gguf"],
+    }[command]
+    one_error(*run(*args), fragment)
+    assert not (tmp_path / "out").exists()

@@ -307,6 +307,7 @@ def check_model_files(model: Path, adapter: Path | None = None, trust_remote_cod
     from workbench.io.reader import open_checkpoint
 
     model, adapter = Path(model), Path(adapter) if adapter is not None else None
+    read_model_config(model, "config.json, tokenizer and weights")  # its numbers, before transformers builds on them
     with open_checkpoint(model) as base:
         if adapter is not None:
             _check_adapter(adapter, base, _config_vocab_size(model))

@@ -47,4 +47,27 @@ def read_model_config(folder: Path, needs: str) -> dict:
     config = read_json(file, "config.json")
     if not isinstance(config, dict):
         raise WorkbenchError("config.json is not a JSON object", file)
+    for section in (config, config.get("text_config")):
+        if isinstance(section, dict):
+            _check_architecture_numbers(section, file)
     return config
+
+
+# The sizes and constants transformers builds a model from: a crafted value (a negative width, a NaN
+# epsilon, a 2**40 vocabulary) would otherwise surface as a traceback, or a huge allocation, inside it.
+SIZE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+             "num_key_value_heads", "head_dim", "max_position_embeddings")
+FLOAT_KEYS = ("rms_norm_eps", "layer_norm_eps", "layer_norm_epsilon", "rope_theta", "initializer_range")
+MAX_SIZE = 2**24  # above any real width, layer count, vocabulary or context length
+
+
+def _check_architecture_numbers(config: dict, file: Path) -> None:
+    for key in SIZE_KEYS:
+        value = config.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_SIZE):
+            raise WorkbenchError(f"config.json's {key} must be a whole number from 1 to {MAX_SIZE}, not {value!r}", file)
+    for key in FLOAT_KEYS:
+        value = config.get(key)
+        finite = isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) <= 1e30
+        if value is not None and not finite:  # `abs(x) <= bound` is False for NaN and never overflows
+            raise WorkbenchError(f"config.json's {key} must be a finite number, not {value!r}", file)
