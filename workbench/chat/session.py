@@ -305,7 +305,7 @@ def open_session(model: str | Path, adapter: str | Path | None = None, *, system
                  trust_remote_code: bool = False) -> Loaded:
     """Check the files (as `wb eval` does), pick the template, load the model (adapter unmerged)."""
     from workbench.dtypes import resolve_compute_dtype, resolve_device
-    from workbench.evals.run import _load_tokenizer, _quiet_libraries, _tokenizer_folder, check_model_files
+    from workbench.evals.run import check_model_files, load_tokenizer, quiet_libraries, tokenizer_folder
 
     model, adapter = Path(model), Path(adapter) if adapter is not None else None
     check_settings(max_new_tokens, temperature, top_p, max_context)
@@ -316,10 +316,10 @@ def open_session(model: str | Path, adapter: str | Path | None = None, *, system
     torch_device = resolve_device(device)
     compute = resolve_compute_dtype(dtype, torch_device)
     notes: list[str] = []
-    with _quiet_libraries():
+    with quiet_libraries():
         tokenizer = check_model_files(model, adapter, trust_remote_code)
-        own = _tokenizer_folder(model, adapter) != model  # the adapter brings its tokenizer
-        model_tokenizer = _load_tokenizer(model, trust_remote_code) if own else tokenizer
+        own = tokenizer_folder(model, adapter) != model  # the adapter brings its tokenizer
+        model_tokenizer = load_tokenizer(model, trust_remote_code) if own else tokenizer
         choice = choose_template(tokenizer_template(model_tokenizer), adapter,
                                  tokenizer_template(tokenizer) if own else None)
         if choice.note:
@@ -358,13 +358,13 @@ def _load_model(model: Path, adapter: Path | None, tokenizer, dtype, device, tru
     """The model on `device` in `dtype`, with the adapter as a PeftModel (unmerged), in eval mode."""
     from transformers import AutoModelForCausalLM
 
-    from workbench.evals.run import _one_line
+    from workbench.evals.run import one_line
 
     try:
         lm = AutoModelForCausalLM.from_pretrained(str(model.resolve()), dtype=dtype,
                                                   trust_remote_code=trust_remote_code)
     except (OSError, ValueError, KeyError, TypeError, ImportError) as exc:
-        raise WorkbenchError(f"could not load the model: {_one_line(exc)}", model) from None
+        raise WorkbenchError(f"could not load the model: {one_line(exc)}", model) from None
     lm.to(device)
     if adapter is not None:
         from peft import PeftModel
@@ -380,7 +380,7 @@ def _load_model(model: Path, adapter: Path | None, tokenizer, dtype, device, tru
             more = f" (and {len(mismatches) - 1} more)" if len(mismatches) > 1 else ""
             raise WorkbenchError(f"adapter was made for another base: {mismatches[0]}{more}", adapter) from None
         except (OSError, ValueError, KeyError) as exc:
-            text = _one_line(exc)
+            text = one_line(exc)
             if "not found in the base model" in text:
                 raise WorkbenchError(f"adapter was made for another base: {text}", adapter) from None
             raise WorkbenchError(f"could not load the adapter: {text}", adapter) from None

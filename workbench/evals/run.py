@@ -81,7 +81,7 @@ def evaluate(
     started, clock = datetime.now().astimezone(), time.perf_counter()
     plan = _plan(model, adapter, tasks, data_dir, gen_data, limit, num_fewshot, max_new_tokens, batch_size,
                  device, dtype, out, force)
-    with _quiet_libraries():
+    with quiet_libraries():
         from workbench.evals.tasks import load_tasks
 
         task_objects = load_tasks(plan.names, plan.local, num_fewshot) if plan.names else []
@@ -311,7 +311,7 @@ def check_model_files(model: Path, adapter: Path | None = None, trust_remote_cod
     with open_checkpoint(model) as base:
         if adapter is not None:
             _check_adapter(adapter, base, _config_vocab_size(model))
-    return _load_tokenizer(_tokenizer_folder(model, adapter), trust_remote_code)
+    return load_tokenizer(tokenizer_folder(model, adapter), trust_remote_code)
 
 
 def _check_adapter(adapter: Path, base, vocab_size: int | None) -> None:
@@ -397,12 +397,12 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model",
                    "spiece.model", "sentencepiece.bpe.model", "tokenizer.tiktoken", "tiktoken.model")
 
 
-def _tokenizer_folder(model: Path, adapter: Path | None) -> Path:
+def tokenizer_folder(model: Path, adapter: Path | None) -> Path:
     """The adapter folder when it has a tokenizer (a fine-tune may add tokens or a template), else the model's."""
     return adapter if adapter is not None and (adapter / "tokenizer_config.json").is_file() else model
 
 
-def _load_tokenizer(folder: Path, trust_remote_code: bool):
+def load_tokenizer(folder: Path, trust_remote_code: bool):
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
         raise WorkbenchError("no tokenizer in the folder (tokenizer.json, tokenizer_config.json, tokenizer.model "
                              "or vocab.json); copy the base model's tokenizer files into it", folder)
@@ -411,10 +411,10 @@ def _load_tokenizer(folder: Path, trust_remote_code: bool):
     try:  # as lm-eval's HFLM loads it
         return AutoTokenizer.from_pretrained(str(folder.resolve()), trust_remote_code=trust_remote_code, use_fast=True)
     except (OSError, ValueError, KeyError, TypeError, ImportError) as exc:
-        raise WorkbenchError(f"could not load the tokenizer: {_one_line(exc)}", folder) from None
+        raise WorkbenchError(f"could not load the tokenizer: {one_line(exc)}", folder) from None
 
 
-def _one_line(exc: BaseException, limit: int = 400) -> str:
+def one_line(exc: BaseException, limit: int = 400) -> str:
     """An exception's message as one line (transformers' and peft's span several), shortened."""
     text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
     return text if len(text) <= limit else text[: limit - 1] + "…"
@@ -431,7 +431,7 @@ def _load_lm(plan: _Plan, trust_remote_code: bool, tokenizer=None):
 
     model, adapter = plan.model, plan.adapter
     if not isinstance(tokenizer, (transformers.PreTrainedTokenizer, transformers.PreTrainedTokenizerFast)):
-        tokenizer = str(_tokenizer_folder(model, adapter).resolve())  # HFLM takes only these two classes as objects
+        tokenizer = str(tokenizer_folder(model, adapter).resolve())  # HFLM takes only these two classes as objects
     try:
         return HFLM(
             pretrained=str(model.resolve()),  # absolute: lm-eval never mistakes it for a hub id
@@ -449,7 +449,7 @@ def _load_lm(plan: _Plan, trust_remote_code: bool, tokenizer=None):
         more = f" (and {len(mismatches) - 1} more)" if len(mismatches) > 1 else ""
         raise WorkbenchError(f"adapter was made for another base: {mismatches[0]}{more}", adapter) from None
     except (OSError, ValueError, KeyError) as exc:
-        text = _one_line(exc)
+        text = one_line(exc)
         if adapter is not None and "not found in the base model" in text:  # peft: no module to attach to
             raise WorkbenchError(f"adapter was made for another base: {text}", adapter) from None
         raise WorkbenchError(f"could not load the model: {text}", adapter or model) from None
@@ -630,7 +630,7 @@ def _eval_argv(plan: _Plan, options: dict) -> list[str]:
 
 
 @contextlib.contextmanager
-def _quiet_libraries() -> Iterator[None]:
+def quiet_libraries() -> Iterator[None]:
     """lm-eval and transformers warn about every task built from a custom dataset; keep errors only.
 
     transformers' own progress bar ("Loading weights") is off too: a 0.1 s bar before every run, and
