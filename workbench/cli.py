@@ -337,29 +337,61 @@ def train_command(ctx, nproc, strategy, as_json, data, **options):
 @click.option("--tuned", required=True, type=existing_path, help="TUNED: the fine-tuned model to publish as a diff.")
 @click.option("--out", required=True, type=new_path,
               help="DIFF folder to write: a Hugging Face folder of TUNED - RAW plus weight_diff.json.")
+@click.option("--format", "diff_format", type=click.Choice(["float", "xor"]), default="float", show_default=True,
+              help="float: TUNED - RAW as tensors (Alpaca/KnowLM style); xor: each file's bytes XOR RAW's file of "
+                   "the same name (OpenAssistant's xor_codec), with MD5 lists of the base and of the result.")
+@click.option("--lora-rank", type=click.IntRange(min=1), metavar="R",
+              help="Publish TUNED - RAW as a PEFT LoRA adapter of rank <= R (truncated SVD of each linear weight's "
+                   "delta); changed embeddings and norms go to modules_to_save.")
+@click.option("--rank-by-energy", type=click.FloatRange(0.0, 1.0, min_open=True), metavar="F",
+              help="With --lora-rank: per tensor, the smallest rank keeping a fraction F of the delta's energy "
+                   "(squared singular values), capped by R.")
+@click.option("--embed-lora", is_flag=True,
+              help="With --lora-rank: a changed embedding becomes an embedding LoRA instead of a full copy.")
 @dtype_option("Storage dtype of the diff tensors (computed in float32, float64 if either side is). Elements a "
-              "narrow dtype cannot carry exactly are kept in weight_diff_fixups.safetensors.",
+              "narrow dtype cannot carry exactly are kept in weight_diff_fixups.safetensors. With --lora-rank: "
+              "the adapter's dtype (the SVD runs in float32).",
               choices=STORAGE_DTYPE_CHOICES, default="float32")
+@device_option("With --lora-rank: where the SVDs run (auto: CUDA when present).", default="auto")
 @shard_size_option("Largest diff shard, e.g. 5GB, 500MB, 2GiB.")
 @force_option
 @json_option
-def diff_command(base, tuned, out, dtype, shard_size, force, as_json):
+def diff_command(base, tuned, out, diff_format, lora_rank, rank_by_energy, embed_lora, dtype, device, shard_size,
+                 force, as_json):
     """Write DIFF = TUNED - RAW, tensor by tensor, so that only holders of RAW can rebuild TUNED.
 
     When TUNED has more rows in embed_tokens / lm_head (added tokens), RAW is first resized as
     Alpaca's smart_tokenizer_and_embedding_resize does: new rows = mean of the existing rows.
     `wb recover` rebuilds TUNED from DIFF bit for bit (byte for byte for a safetensors TUNED).
+    --format xor publishes byte-XOR files instead; --lora-rank a low-rank adapter (lossy, mergeable).
     """
-    from workbench.weights.diff import make_diff
+    if lora_rank is None and (rank_by_energy is not None or embed_lora):
+        raise click.UsageError("--rank-by-energy and --embed-lora need --lora-rank")
+    if lora_rank is not None and diff_format == "xor":
+        raise click.UsageError("--lora-rank writes a LoRA adapter, not an XOR release: drop --format xor")
+    if diff_format == "xor":
+        from workbench.weights.xor_release import make_xor_release
 
-    emit(make_diff(base, tuned, out, dtype=dtype, max_shard_size=shard_size, force=force), as_json)
+        emit(make_xor_release(base, tuned, out, force=force), as_json)
+    elif lora_rank is not None:
+        from workbench.weights.extract_lora import extract_lora
+
+        emit(extract_lora(base, tuned, out, rank=lora_rank, rank_by_energy=rank_by_energy, embed_lora=embed_lora,
+                          dtype=dtype, device=device, force=force), as_json)
+    else:
+        from workbench.weights.diff import make_diff
+
+        emit(make_diff(base, tuned, out, dtype=dtype, max_shard_size=shard_size, force=force), as_json)
 
 
 @wb.command("recover")
 @click.option("--base", required=True, type=existing_path, help="RAW: the base model the diff was made from.")
 @click.option("--diff", "diff_path", required=True, type=existing_path,
-              help="DIFF: a folder made by `wb diff`, or a plain HF folder of tuned - raw (Alpaca, KnowLM, FastChat).")
+              help="DIFF: a folder made by `wb diff`, a plain HF folder of tuned - raw (Alpaca, KnowLM, FastChat), "
+                   "or an XOR release (OpenAssistant's xor_codec).")
 @click.option("--out", required=True, type=new_path, help="Folder to write the recovered model to.")
+@click.option("--format", "diff_format", type=click.Choice(["auto", "float", "xor"]), default="auto",
+              show_default=True, help="What DIFF is; auto: an XOR release when it looks like one, else a float diff.")
 @dtype_option("Dtype of OUT's floating tensors (auto: TUNED's for a wb diff, else the diff's own; additions "
               "are always done in float32, float64 if any side is).")
 @click.option("--expect-sum", type=finite_float, help="Published weight-sum to check, e.g. 50637.1836 for Alpaca-7B.")
@@ -370,7 +402,8 @@ def diff_command(base, tuned, out, dtype, shard_size, force, as_json):
 @shard_size_option("Largest output shard when OUT's layout is not TUNED's recorded one, e.g. 5GB, 2GiB.")
 @force_option
 @json_option
-def recover_command(base, diff_path, out, dtype, expect_sum, atol, checksums, device, shard_size, force, as_json):
+def recover_command(base, diff_path, out, diff_format, dtype, expect_sum, atol, checksums, device, shard_size, force,
+                    as_json):
     """Rebuild a fine-tuned model: OUT = resize(RAW) + DIFF, tensor by tensor, in bounded memory.
 
     Every check (RAW is the right base, shapes and tensor names, bit-exactness for a wb diff,
@@ -378,8 +411,23 @@ def recover_command(base, diff_path, out, dtype, expect_sum, atol, checksums, de
     """
     from workbench.weights.recover import recover
 
-    emit(recover(base, diff_path, out, dtype=dtype, expect_sum=expect_sum, atol=atol, checksums=checksums,
-                 device=device, max_shard_size=shard_size, force=force), as_json)
+    emit(recover(base, diff_path, out, diff_format=diff_format, dtype=dtype, expect_sum=expect_sum, atol=atol,
+                 checksums=checksums, device=device, max_shard_size=shard_size, force=force), as_json)
+
+
+@wb.command()
+@click.argument("first", type=existing_path)
+@click.argument("second", type=existing_path)
+@json_option
+def compat(first, second, as_json):
+    """Can FIRST and SECOND be diffed, recovered, merged or evaluated together? From configs and headers only.
+
+    FIRST and SECOND are two model folders, or a model and an adapter. Prints what differs and what wb
+    will do about it (resize with Alpaca's rule, refuse, warn); exit 1 when some weight work would be refused.
+    """
+    from workbench.weights.compat import compat as run
+
+    emit(run(first, second), as_json)
 
 
 @wb.command()

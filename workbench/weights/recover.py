@@ -171,6 +171,7 @@ def recover(
     diff: str | Path,
     out: str | Path,
     *,
+    diff_format: str = "auto",
     dtype: str | None = None,
     expect_sum: float | None = None,
     atol: float = 1e-2,
@@ -182,7 +183,15 @@ def recover(
 ) -> RecoverResult:
     """Rebuild TUNED from RAW and DIFF into `out`; every check passes before `out` appears.
 
-    `command`: the command line recover.json records (None: this process's, `provenance.command_line`)."""
+    `diff_format`: "auto" (an XOR release when `xor_release.is_xor_release` says so, else a float
+    diff), "float" or "xor". `command`: the command line recover.json records (None: this
+    process's, `provenance.command_line`)."""
+    if diff_format not in ("auto", "float", "xor"):
+        raise WorkbenchError(f"unknown diff format {diff_format!r}; use auto, float or xor")
+    if diff_format == "xor" or (diff_format == "auto" and _is_xor(Path(diff))):
+        from workbench.weights.xor_release import recover_xor
+
+        return recover_xor(base, diff, out, checksums=checksums, force=force, command=command)
     out, base, diff = Path(out), Path(base), Path(diff)
     out_dtype = parse_dtype(dtype)
     torch_device = resolve_device(device)
@@ -237,6 +246,12 @@ def recover(
         record = _record(result, report, inputs, settings, command)
         (tmp / RECORD_FILE).write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return result
+
+
+def _is_xor(diff: Path) -> bool:
+    from workbench.weights.xor_release import is_xor_release
+
+    return is_xor_release(diff)
 
 
 def _inputs(raw: Checkpoint, delta: Checkpoint, base: Path, diff: Path, meta_sha256: str | None,
