@@ -453,10 +453,10 @@ def test_adapter_made_for_another_base(tmp_path, tiny_model):
 
 
 def test_adapter_peft_rejects_is_translated(tmp_path, tiny_model):
-    """A DoRA adapter is not read by wb's own LoRA reader, so peft's size-mismatch error is translated."""
-    dora = lora_for(other_llama(hidden=32, intermediate=64), tmp_path / "dora", use_dora=True)
-    assert_one_error(eval_gen(tmp_path, tiny_model, "--adapter", str(dora)),
-                     "adapter was made for another base: size mismatch for", f"({dora})")
+    """A LoRA-bias adapter is not read by wb's own LoRA reader, so peft's size-mismatch error is translated."""
+    biased = lora_for(other_llama(hidden=32, intermediate=64), tmp_path / "bias", lora_bias=True)
+    assert_one_error(eval_gen(tmp_path, tiny_model, "--adapter", str(biased)),
+                     "adapter was made for another base: size mismatch for", f"({biased})")
 
 
 def test_adapter_check_has_no_false_alarms(tiny_models, tmp_path):

@@ -199,6 +199,9 @@ def recover(
     check_can_write(out, force)
     check_not_input(out, [base, diff, checksums])
     checksum_list = parse_checksum_file(Path(checksums)) if checksums is not None else None
+    from workbench.weights.compat import check_before, print_notes
+
+    print_notes(check_before("recover", base, diff))
     raw, delta = open_checkpoint(base), open_checkpoint(diff)
     diff_dir = diff if diff.is_dir() else diff.parent
     meta = read_meta(diff_dir)
