@@ -311,6 +311,10 @@ def check_model_files(model: Path, adapter: Path | None = None, trust_remote_cod
     with open_checkpoint(model) as base:
         if adapter is not None:
             _check_adapter(adapter, base, _config_vocab_size(model))
+    if adapter is not None:  # what peft would refuse once the model is loaded, and warnings (wb compat)
+        from workbench.weights.compat import check_before, print_notes
+
+        print_notes(check_before("eval", model, adapter))
     return load_tokenizer(tokenizer_folder(model, adapter), trust_remote_code)
 
 
