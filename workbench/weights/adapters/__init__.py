@@ -1,6 +1,6 @@
-"""What a merge source is: a PEFT LoRA adapter, or a full fine-tune taken as a task vector.
+"""Adapters applied to a model as it is read, and merge inputs' configs.
 
-- `base`: the `MergeSource` protocol the merger works through, and `open_source` (path -> source)
-- `lora`: PEFT LoRA folders (`LoraAdapter`), read without peft
-- `finetune`: full fine-tuned model folders (`FineTune`), task vector model − base
+- `base`: the `MergeSource` protocol the merger applies an adapter through (`model+lora`)
+- `lora`: PEFT LoRA and DoRA folders (`LoraAdapter`), read without peft
+- `finetune`: full fine-tuned model folders: float config, same tensors as the base
 """
