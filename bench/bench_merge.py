@@ -1,5 +1,10 @@
 """`wb merge` against peft's way (`from_pretrained` + `PeftModel.from_pretrained` + `merge_and_unload`
-+ `save_pretrained`) on a synthetic >= 2 GB bf16 Llama with a rank-16 all-linear LoRA adapter.
++ `save_pretrained`) on a synthetic >= 2 GB bf16 Llama with a rank-16 all-linear LoRA adapter, and
+`wb merge --config` against `mergekit-yaml` on the same recipe (task_arithmetic, ties, slerp over the
+base and two fine-tunes of the same shape), beside the I/O floor of that merge: every input byte
+read once and the output's bytes written once, in the same run.
+
+WB_BENCH_MERGE_LAYERS scales the model down (default 21 layers: 2.1 GB); the figures say which ran.
 
 The base (config.json transformers loads + safetensors shards written one at a time) and the adapter
 (PEFT layout written directly: adapter_config.json + adapter_model.safetensors) are built first, not
@@ -13,11 +18,14 @@ peak count). The two outputs are compared tensor by tensor.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
-HIDDEN, INTERMEDIATE, LAYERS, HEADS, KV_HEADS, VOCAB = 2048, 5632, 21, 16, 4, 32000
+HIDDEN, INTERMEDIATE, HEADS, KV_HEADS, VOCAB = 2048, 5632, 16, 4, 32000
+LAYERS = int(os.environ.get("WB_BENCH_MERGE_LAYERS", "21"))
 RANK, ALPHA = 16, 32
 SHARD_BYTES = 600 * 1000**2
 REPEATS = 2  # each contender runs this many times, alternating; the best wall time counts
@@ -42,13 +50,14 @@ def llama_shapes() -> dict[str, tuple[int, int] | tuple[int]]:
     return shapes
 
 
-def build_base(folder: Path) -> int:
-    """Write the base shard by shard (never more than one shard in memory); returns its bytes."""
+def build_base(folder: Path, seed: int = 0) -> int:
+    """Write the base shard by shard (never more than one shard in memory); returns its bytes.
+    Another `seed` gives another model of the same shape (a "fine-tune" for the recipe benches)."""
     import torch
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True)
-    generator = torch.Generator().manual_seed(0)
+    generator = torch.Generator().manual_seed(seed)
     groups: list[dict] = [{}]
     size = 0
     for name, shape in llama_shapes().items():
@@ -111,11 +120,19 @@ def build_adapter(folder: Path) -> int:
 
 
 def run(work: Path) -> dict:
-    from bench.measure import compare_checkpoints, run_measured, target
-
     base, adapter = work / "base", work / "adapter"
     base_bytes = build_base(base)
     adapter_bytes = build_adapter(adapter)
+    lora = run_lora(work, base, adapter, base_bytes, adapter_bytes)
+    recipes = run_recipes(work, base)
+    return {"figures": {**lora["figures"], "layers": LAYERS, "recipes": recipes["figures"]},
+            "targets": {**lora["targets"], **recipes["targets"]}}
+
+
+def run_lora(work: Path, base: Path, adapter: Path, base_bytes: int, adapter_bytes: int) -> dict:
+    """`wb merge --base --adapter` against peft's merge_and_unload."""
+    from bench.measure import compare_checkpoints, run_measured, target
+
     contenders = {
         "wb": lambda out: [sys.executable, "-m", "workbench", "merge", "--base", str(base), "--adapter", str(adapter),
                            "--out", str(out)],
@@ -154,6 +171,80 @@ def run(work: Path) -> dict:
             "wall_ratio": target(wall_ratio, 1.0),
         },
     }
+
+
+RECIPES = {
+    "task_arithmetic": "merge_method: task_arithmetic\nbase_model: {base}\nmodels:\n"
+                       "  - {{model: {ft1}, parameters: {{weight: 0.6}}}}\n  - {{model: {ft2}, parameters: {{weight: 0.4}}}}\n",
+    "ties": "merge_method: ties\nbase_model: {base}\nmodels:\n"
+            "  - {{model: {ft1}, parameters: {{weight: 0.6, density: 0.5}}}}\n"
+            "  - {{model: {ft2}, parameters: {{weight: 0.4, density: 0.5}}}}\n",
+    "slerp": "merge_method: slerp\nbase_model: {base}\nmodels: [{{model: {base}}}, {{model: {ft1}}}]\n"
+             "parameters: {{t: [0, 0.5, 1]}}\n",
+}
+
+
+def run_recipes(work: Path, base: Path) -> dict:
+    """Each recipe by `wb merge --config` and by `mergekit-yaml`, alternating, once each (a slow
+    machine cannot afford more), and the I/O floor of the merge (its inputs read, its output
+    written) measured right before them."""
+    from bench.measure import compare_checkpoints, run_measured, target
+
+    fine_tunes = [work / "ft1", work / "ft2"]
+    for seed, folder in enumerate(fine_tunes, start=1):
+        build_base(folder, seed=seed)
+    mergekit = Path(sys.executable).with_name("mergekit-yaml")
+    figures: dict = {}
+    targets: dict = {}
+    for name, text in RECIPES.items():
+        models = [base, *fine_tunes] if name != "slerp" else [base, fine_tunes[0]]
+        recipe = work / f"{name}.yml"
+        recipe.write_text(text.format(base=base, ft1=fine_tunes[0], ft2=fine_tunes[1]))
+        floor = io_floor(models, work / "floor.bin")
+        results = {}
+        for contender in ("wb", "mergekit"):
+            out = work / f"{name}-{contender}"
+            shutil.rmtree(out, ignore_errors=True)
+            command = ([sys.executable, "-m", "workbench", "merge", "--config", str(recipe), "--out", str(out)]
+                       if contender == "wb" else [str(mergekit), str(recipe), str(out), "--quiet"])
+            result = run_measured(command)
+            if result["returncode"] != 0:
+                raise RuntimeError(f"{contender} {name} failed: {result['stderr_tail']}")
+            results[contender] = result
+        agreement = compare_checkpoints(work / f"{name}-wb", work / f"{name}-mergekit")
+        for contender in results:
+            shutil.rmtree(work / f"{name}-{contender}", ignore_errors=True)
+        wb, mk = results["wb"], results["mergekit"]
+        figures[name] = {
+            "wb_wall_s": wb["wall_s"], "wb_peak_rss_anon_mb": wb["peak_rss_anon_mb"],
+            "mergekit_wall_s": mk["wall_s"], "mergekit_peak_rss_anon_mb": mk["peak_rss_anon_mb"],
+            "io_floor_s": floor, "wb_over_io_floor": round(wb["wall_s"] / floor, 3),
+            "output_agreement": agreement,
+        }
+        targets[f"{name}_peak_anon_vs_mergekit"] = target(wb["peak_rss_anon_mb"] / mk["peak_rss_anon_mb"], 0.5)
+        targets[f"{name}_wall_vs_mergekit"] = target(wb["wall_s"] / mk["wall_s"], 1.0)
+        if name == "task_arithmetic":  # a row-block method: within 1.3x of the I/O floor
+            targets[f"{name}_wall_vs_io_floor"] = target(wb["wall_s"] / floor, 1.3)
+    return {"figures": figures, "targets": targets}
+
+
+def io_floor(models: list[Path], scratch: Path) -> float:
+    """Seconds to read every weight byte of `models` once (16 MiB reads) and write as many bytes as
+    one model's weights once (the merged output), fsynced like the merges' outputs are closed."""
+    started = time.perf_counter()
+    out_bytes = 0
+    for k, model in enumerate(models):
+        for file in sorted(model.glob("*.safetensors")):
+            with open(file, "rb", buffering=0) as handle:
+                while chunk := handle.read(16 << 20):
+                    out_bytes += len(chunk) if k == 0 else 0
+    block = bytes(16 << 20)
+    with open(scratch, "wb", buffering=0) as handle:
+        for _ in range(0, out_bytes, len(block)):
+            handle.write(block)
+    elapsed = time.perf_counter() - started
+    scratch.unlink()
+    return round(elapsed, 3)
 
 
 def peft_merge(base: str, adapter: str, out: str) -> None:

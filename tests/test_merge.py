@@ -102,6 +102,12 @@ def check_complete(out: Path, base: Path) -> dict[str, torch.Tensor]:
     return state
 
 
+def adapter_entries(record: dict) -> list[dict]:
+    """merge.json's entries of the --adapter models (the base is the first entry of "models")."""
+    assert record["models"][0]["reference"] == record["base"]
+    return record["models"][1:]
+
+
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).abs().max())
 
@@ -179,7 +185,7 @@ def test_rank_and_alpha_patterns_change_the_scale(variant_merge):
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert config["rank_pattern"] and config["alpha_pattern"]
     record = json.loads((out / "merge.json").read_text())
-    assert record["adapters"][0]["config"]["rank_pattern"] == config["rank_pattern"]
+    assert adapter_entries(record)[0]["config"]["rank_pattern"] == config["rank_pattern"]
     from workbench.weights.adapters.lora import lora_scale
 
     assert lora_scale(config, "model.layers.1.self_attn.k_proj") == (2, 8.0, 4.0)
@@ -255,15 +261,16 @@ def test_two_adapters_linear_is_weighted_sum_of_peft_deltas(base, work, adapter_
     for name in ours:
         assert max_diff(ours[name], expected[name]) <= 1e-6, name
     record = json.loads((out / "merge.json").read_text())
-    assert record["weights"] == [0.7, -0.3] and record["method"] == "linear"
+    assert record["weights"] == [0.7, -0.3] and record["method"] == "task_arithmetic"
+    assert record["reference"].startswith("mergekit 0.1.5")
 
 
 @pytest.mark.parametrize("method", ["ties", "dare_linear", "dare_ties"])
-def test_ties_and_dare_equal_peft_merge_utils_on_full_deltas(base, work, adapter_q, adapter_k, method):
+def test_peft_ties_and_dare_equal_peft_merge_utils_on_full_deltas(base, work, adapter_q, adapter_k, method):
     from peft.utils import merge_utils
 
     out = work / f"two-{method}"
-    code, output = run_merge("--base", base, "--adapter", adapter_q, "--adapter", adapter_k, "--method", method,
+    code, output = run_merge("--base", base, "--adapter", adapter_q, "--adapter", adapter_k, "--method", f"peft_{method}",
                              "--weights", "0.6,0.9", "--density", "0.4", "--seed", "7", "--out", out)
     assert code == 0, output
     ours = check_complete(out, base)
@@ -281,9 +288,10 @@ def test_ties_and_dare_equal_peft_merge_utils_on_full_deltas(base, work, adapter
         else:
             merged = getattr(merge_utils, method)(deltas, weights, 0.4)
         assert max_diff(ours[name], base_tensor + merged) <= 1e-6, name
+    assert json.loads((out / "merge.json").read_text())["reference"] == f"peft 0.21 utils/merge_utils.py ({method})"
 
 
-def test_magnitude_prune_keeps_the_top_fraction_and_ties_at_the_threshold():
+def test_magnitude_prune_keeps_exactly_the_top_fraction_ties_by_position():
     from peft.utils.merge_utils import prune
 
     from workbench.weights.methods.ties import magnitude_prune
@@ -291,13 +299,59 @@ def test_magnitude_prune_keeps_the_top_fraction_and_ties_at_the_threshold():
     x = torch.randn(50, 40, generator=torch.Generator().manual_seed(0))
     assert torch.equal(magnitude_prune(x.clone(), 0.3), prune(x, 0.3, "magnitude"))
     tied = torch.tensor([0.5, -0.5, 0.1, 2.0, -0.5, 0.0])
-    assert magnitude_prune(tied.clone(), 0.5).tolist() == [0.5, -0.5, 0.0, 2.0, -0.5, 0.0]
+    assert magnitude_prune(tied.clone(), 0.5).tolist() == [0.5, -0.5, 0.0, 2.0, 0.0, 0.0]  # k = 3: the earlier ties
     assert magnitude_prune(tied.clone(), 0.1).tolist() == [0.0] * 6  # int(0.6) = 0 entries kept
     assert torch.equal(magnitude_prune(tied.clone(), 1.0), tied)
 
 
+def test_streamed_peft_ties_keeps_exactly_k_in_row_order_across_row_blocks(base, work, fine_tunes, monkeypatch):
+    """peft_ties reads row blocks (two statistic passes, then the merge): with deltas full of equal
+    magnitudes and blocks of 700 elements, it keeps exactly int(density·n) entries per delta, the
+    earliest of the tied ones (a stable sort is the oracle), and gives peft's disjoint mean."""
+    import workbench.weights.merge as merging
+    from workbench.io.blocks import row_blocks
+
+    quantized = []
+    for k, folder in enumerate(fine_tunes):  # deltas rounded to a few levels: many exact ties
+        b = load_file(base / "model.safetensors")
+        state = {n: b[n] + quantize(t - b[n]) for n, t in load_file(folder / "model.safetensors").items()}
+        quantized.append(save_layout(state, work / f"quantized-{k}"))
+        shutil.copy(base / "config.json", quantized[-1] / "config.json")
+    monkeypatch.setattr(merging, "row_blocks", lambda shape: row_blocks(shape, 700))
+    out = work / "streamed-ties"
+    merge(base, quantized, out=out, method="peft_ties", weights=[0.7, 0.5], density=0.3)
+    ours = merged_state(out)
+    b = load_file(base / "model.safetensors")
+    tied_at_threshold = 0
+    for name, base_tensor in b.items():
+        tasks = [load_file(q / "model.safetensors")[name] - base_tensor for q in quantized]
+        pruned = []
+        for task in tasks:
+            keep = int(0.3 * task.numel())
+            kth = task.abs().reshape(-1).sort(descending=True).values[keep - 1]
+            tied_at_threshold += int(kth > 0 and (task.abs() == kth).sum() > 1)
+            order = torch.sort(-task.abs().reshape(-1), stable=True).indices[:keep]
+            mask = torch.zeros(task.numel(), dtype=torch.bool)
+            mask[order] = True
+            pruned.append(task * mask.reshape(task.shape))
+            assert int(mask.sum()) == keep
+        stacked = torch.stack(pruned)
+        sign = torch.where(stacked.sum(0) >= 0, 1.0, -1.0)
+        agree = stacked.sign() == sign
+        weighted = stacked * torch.tensor([0.7, 0.5]).view(-1, *[1] * base_tensor.dim())
+        expected = base_tensor + (weighted * agree).sum(0) / agree.sum(0).clamp(min=1)
+        assert max_diff(ours[name], expected) <= 1e-6, name
+    assert tied_at_threshold > 10  # the ties were real: equal nonzero magnitudes straddled k
+
+
+def quantize(delta: torch.Tensor) -> torch.Tensor:
+    """`delta` rounded to 9 levels (0, ±1..4 steps): most entries tie with others."""
+    step = float(delta.abs().max()) / 4 or 1.0
+    return (torch.round(delta / step) * step).to(delta.dtype)
+
+
 def test_dare_is_reproducible_and_seeded(base, work, adapter_q, adapter_k):
-    common = ["--base", base, "--adapter", adapter_q, "--adapter", adapter_k, "--method", "dare_ties"]
+    common = ["--base", base, "--adapter", adapter_q, "--adapter", adapter_k, "--method", "dare_ties", "--density", "0.5"]
     hashes = []
     for name, seed in (("a", 3), ("b", 3), ("c", 4)):
         code, output = run_merge(*common, "--seed", seed, "--out", work / f"dare-{name}")
@@ -340,12 +394,13 @@ def test_task_arithmetic_of_fine_tunes_and_a_lora(base, work, fine_tunes, adapte
     for name in b:
         expected = b[name] + 0.5 * (t1[name] - b[name]) + 0.25 * (t2[name] - b[name]) + lora.get(name, 0)
         assert max_diff(ours[name], expected) <= 1e-6, name
-    kinds = [a["kind"] for a in json.loads((out / "merge.json").read_text())["adapters"]]
+    kinds = [a["kind"] for a in adapter_entries(json.loads((out / "merge.json").read_text()))]
     assert kinds == ["full", "full", "lora"]
 
 
 # -- output folder ---------------------------------------------------------------------------------
 def test_output_files_record_and_dtype(base, work, adapter_q, tiny_tokenizer):
+    """The tokenizer is the base's by default (mergekit's rule), even where an adapter carries its own."""
     tokenizer_adapter = work / "adapter-with-tokenizer"
     shutil.copytree(adapter_q, tokenizer_adapter)
     tiny_tokenizer.save_pretrained(tokenizer_adapter)
@@ -360,16 +415,22 @@ def test_output_files_record_and_dtype(base, work, adapter_q, tiny_tokenizer):
     assert len(shards) > 1 and all(f.endswith(f"-of-{len(shards):05d}.safetensors") for f in shards)
     assert files == sorted(["chat_template.jinja", "config.json", "merge.json", "model.safetensors.index.json",
                             "tokenizer.json", "tokenizer_config.json", *shards])
-    assert template.read_text() == (out / "chat_template.jinja").read_text()
+    assert (base / "chat_template.jinja").read_text() == (out / "chat_template.jinja").read_text()
+    assert template.read_text() != (out / "chat_template.jinja").read_text()
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
 
     record = json.loads((out / "merge.json").read_text())
-    assert record["base"]["files_sha256"]["model.safetensors"] == hash_file(base / "model.safetensors", ("sha256",))["sha256"]
-    adapter_files = record["adapters"][0]["files_sha256"]
-    assert adapter_files["adapter_model.safetensors"] == hash_file(adapter_q / "adapter_model.safetensors", ("sha256",))["sha256"]
-    assert record["adapters"][0]["config"]["r"] == 4 and record["adapters"][0]["config"]["lora_alpha"] == 8
+    base_hash = hash_file(base / "model.safetensors", ("sha256",))["sha256"]
+    assert record["models"][0]["files_sha256"]["model.safetensors"] == base_hash
+    (adapter,) = adapter_entries(record)
+    adapter_files = adapter["files_sha256"]
+    assert adapter_files["model.safetensors"] == base_hash  # the adapter is applied to the base
+    assert adapter_files["lora/adapter_model.safetensors"] == hash_file(adapter_q / "adapter_model.safetensors", ("sha256",))["sha256"]
+    assert (adapter["kind"], adapter["lora"], adapter["path"]) == ("lora", str(tokenizer_adapter), str(base))
+    assert adapter["config"]["r"] == 4 and adapter["config"]["lora_alpha"] == 8
     assert (record["dtype"], record["output_dtypes"], record["device"]) == ("bfloat16", ["BF16"], "cpu")
-    assert record["tokenizer_from"] == str(tokenizer_adapter)
+    assert record["tokenizer"]["source"] == "base" and record["tokenizer"]["from"] == str(base)
+    assert f"tokenizer: base (from {base})" in output
     for name, entry in record["output"]["files"].items():
         assert entry["sha256"] == hash_file(out / name, ("sha256",))["sha256"]
     assert record["output"]["weight_sum"] == pytest.approx(checkpoint_weight_sum(open_checkpoint(out)), abs=1e-6)
@@ -377,6 +438,26 @@ def test_output_files_record_and_dtype(base, work, adapter_q, tiny_tokenizer):
     merge(base, [adapter_q], out=work / "sharded-fp32")  # the same merge in fp32, then cast once
     fp32, ours = merged_state(work / "sharded-fp32"), merged_state(out)
     assert all(torch.equal(ours[n], fp32[n].to(torch.bfloat16)) for n in fp32)
+
+
+def test_tokenizer_source_takes_an_adapters_tokenizer(base, work, adapter_q, tiny_tokenizer):
+    """--tokenizer-source ADAPTER: the tokenizer saved beside the adapter (its chat template), said
+    in the output and in merge.json; the vocabulary is the same, so the embeddings are the base's."""
+    adapter = work / "adapter-own-template"
+    shutil.copytree(adapter_q, adapter)
+    tiny_tokenizer.save_pretrained(adapter)
+    (adapter / "chat_template.jinja").write_text("{% for m in messages %}[{{ m['content'] }}]{% endfor %}")
+    out = work / "adapter-tokenizer"
+    code, output = run_merge("--base", base, "--adapter", adapter, "--tokenizer-source", adapter, "--out", out)
+    assert code == 0, output
+    assert (out / "chat_template.jinja").read_text() == (adapter / "chat_template.jinja").read_text()
+    tokenizer = json.loads((out / "merge.json").read_text())["tokenizer"]
+    assert tokenizer["source"] == f"{base}+{adapter}" and tokenizer["added_to_base"] == 0
+    assert tokenizer["line"] in output
+    ours, base_state = merged_state(out), load_file(base / "model.safetensors")
+    assert torch.equal(ours["model.embed_tokens.weight"], base_state["model.embed_tokens.weight"])
+    code, output = run_merge("--base", base, "--adapter", adapter, "--tokenizer-source", work, "--out", out / "x")
+    assert code == 1 and "is not base, union, --base or an --adapter" in output
 
 
 def test_single_file_output_set_and_json(base, work, adapter_q):
@@ -468,8 +549,8 @@ def test_usage_errors(base, work, adapter_q, adapter_k):
     assert code == 1 and "--weights has 3 value(s) for 2 adapter(s)" in output
     code, output = run_merge("--base", base, "--adapter", adapter_q, "--method", "magic", "--out", out)
     assert code == 2 and "magic" in output
-    code, output = run_merge("--base", base, "--adapter", adapter_q, "--method", "ties", "--density", "0", "--out", out)
-    assert code == 1 and "--density must be in (0, 1]" in output
+    code, output = run_merge("--base", base, "--adapter", adapter_q, "--method", "peft_ties", "--density", "0", "--out", out)
+    assert code == 1 and "density must be in (0, 1]" in output
     with pytest.raises(WorkbenchError, match="unknown merge method 'magic'"):
         merge(base, [adapter_q], out=out, method="magic")
     code, output = run_merge("--base", base, "--adapter", base / "config.json", "--out", out)

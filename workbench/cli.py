@@ -346,6 +346,7 @@ def train_command(ctx, nproc, strategy, as_json, data, **options):
 @click.option("--rank-by-energy", type=click.FloatRange(0.0, 1.0, min_open=True), metavar="F",
               help="With --lora-rank: per tensor, the smallest rank keeping a fraction F of the delta's energy "
                    "(squared singular values), capped by R.")
+@click.option("--compress", is_flag=True, help="With --format xor: gzip every payload file (xor_codec's --compress).")
 @click.option("--embed-lora", is_flag=True,
               help="With --lora-rank: a changed embedding becomes an embedding LoRA instead of a full copy.")
 @dtype_option("Storage dtype of the diff tensors (computed in float32, float64 if either side is). Elements a "
@@ -356,8 +357,8 @@ def train_command(ctx, nproc, strategy, as_json, data, **options):
 @shard_size_option("Largest diff shard, e.g. 5GB, 500MB, 2GiB.")
 @force_option
 @json_option
-def diff_command(base, tuned, out, diff_format, lora_rank, rank_by_energy, embed_lora, dtype, device, shard_size,
-                 force, as_json):
+def diff_command(base, tuned, out, diff_format, lora_rank, rank_by_energy, compress, embed_lora, dtype, device,
+                 shard_size, force, as_json):
     """Write DIFF = TUNED - RAW, tensor by tensor, so that only holders of RAW can rebuild TUNED.
 
     When TUNED has more rows in embed_tokens / lm_head (added tokens), RAW is first resized as
@@ -369,10 +370,12 @@ def diff_command(base, tuned, out, diff_format, lora_rank, rank_by_energy, embed
         raise click.UsageError("--rank-by-energy and --embed-lora need --lora-rank")
     if lora_rank is not None and diff_format == "xor":
         raise click.UsageError("--lora-rank writes a LoRA adapter, not an XOR release: drop --format xor")
+    if compress and diff_format != "xor":
+        raise click.UsageError("--compress applies to --format xor only")
     if diff_format == "xor":
         from workbench.weights.xor_release import make_xor_release
 
-        emit(make_xor_release(base, tuned, out, force=force), as_json)
+        emit(make_xor_release(base, tuned, out, force=force, compress=compress), as_json)
     elif lora_rank is not None:
         from workbench.weights.extract_lora import extract_lora
 
@@ -402,13 +405,28 @@ def diff_command(base, tuned, out, diff_format, lora_rank, rank_by_energy, embed
 @shard_size_option("Largest output shard when OUT's layout is not TUNED's recorded one, e.g. 5GB, 2GiB.")
 @force_option
 @json_option
-def recover_command(base, diff_path, out, diff_format, dtype, expect_sum, atol, checksums, device, shard_size, force,
-                    as_json):
+@click.pass_context
+def recover_command(ctx, base, diff_path, out, diff_format, dtype, expect_sum, atol, checksums, device, shard_size,
+                    force, as_json):
     """Rebuild a fine-tuned model: OUT = resize(RAW) + DIFF, tensor by tensor, in bounded memory.
 
     Every check (RAW is the right base, shapes and tensor names, bit-exactness for a wb diff,
-    --expect-sum, --checksums) passes before OUT appears; a failure leaves no OUT.
+    --expect-sum, --checksums) passes before OUT appears; a failure leaves no OUT. An XOR release
+    is decoded file by file and checked against its base and result MD5 lists.
     """
+    from workbench.weights.xor_release import (  # torch-free: an XOR decode never imports torch
+        is_xor_release,
+        recover_xor,
+    )
+
+    if diff_format == "xor" or (diff_format == "auto" and is_xor_release(diff_path)):
+        given = [f"--{name.replace('_', '-')}" for name in ("dtype", "expect_sum", "atol", "device", "shard_size")
+                 if ctx.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE]
+        if given:
+            raise click.UsageError(f"{', '.join(given)} do(es) not apply to an XOR release: its files are rebuilt byte "
+                                   "for byte and checked against its result.md5 (use --checksums for another list)")
+        emit(recover_xor(base, diff_path, out, checksums=checksums, force=force), as_json)
+        return
     from workbench.weights.recover import recover
 
     emit(recover(base, diff_path, out, diff_format=diff_format, dtype=dtype, expect_sum=expect_sum, atol=atol,
@@ -430,30 +448,70 @@ def compat(first, second, as_json):
     emit(run(first, second), as_json)
 
 
+def _parse_params(ctx, param, values: tuple[str, ...]) -> dict:
+    """`--param NAME=VALUE` pairs as {NAME: VALUE}, each VALUE read as a YAML scalar (0.5, true)."""
+    import yaml
+
+    parsed = {}
+    for value in values:
+        name, sep, text = value.partition("=")
+        if not sep or not name:
+            raise click.BadParameter(f"{value!r} is not NAME=VALUE, e.g. normalize=true")
+        try:
+            parsed[name] = yaml.safe_load(text)
+        except yaml.YAMLError:
+            raise click.BadParameter(f"{value!r}: cannot read the value {text!r}") from None
+    return parsed
+
+
 @wb.command()
-@click.option("--base", required=True, type=existing_path, help="Base model folder (config.json + safetensors or .bin weights).")
-@click.option("--adapter", "adapters", required=True, multiple=True, type=existing_path,
-              help="A PEFT LoRA adapter folder, or a full fine-tuned model folder (merged as model - base). Repeat for several.")
+@click.option("--config", "config", type=existing_path, metavar="RECIPE.yml",
+              help="A mergekit YAML recipe (merge_method, base_model, models or slices, parameters, ...), run "
+                   "unchanged; replaces --base/--adapter/--method/--weights/--param.")
+@click.option("--base", type=existing_path, help="Base model folder (config.json + safetensors or .bin weights).")
+@click.option("--adapter", "adapters", multiple=True, type=existing_path,
+              help="A PEFT LoRA (or DoRA) adapter folder, applied to --base, or a full fine-tuned model folder. "
+                   "Repeat for several.")
 @click.option("--weights", callback=_parse_weights, metavar="W1,W2,...",
-              help="One weight per --adapter, comma-separated (default: 1.0 each).")
-@click.option("--method", type=LazyChoice(names_in("workbench.weights.methods.registry", "names")), default="linear",
-              show_default=True, help="linear: base + sum of w*delta; ties / dare_*: TIES trim+sign election, DARE seeded drop+rescale.")
-@click.option("--density", type=float, default=0.5, show_default=True,
-              help="ties/dare: fraction of each delta kept, in (0, 1] (ignored by linear).")
-@click.option("--seed", type=int, default=0, show_default=True, help="dare_*: seed of the random drop masks.")
+              help="Each --adapter's weight, comma-separated (default: 1.0 each).")
+@click.option("--method", type=LazyChoice(names_in("workbench.weights.methods.registry", "names")),
+              default="task_arithmetic", show_default=True,
+              help="The merge method (docs/merge.md has each one's parameters); peft_* are peft's TIES/DARE.")
+@click.option("--density", type=float, help="The method's density (ties, dare_*, ...): fraction of each delta kept.")
+@click.option("--param", "params", multiple=True, callback=_parse_params, metavar="NAME=VALUE",
+              help="Any other global parameter of the method, e.g. lambda=0.8, normalize=true. Repeatable.")
+@click.option("--tokenizer-source", metavar="base|union|PATH",
+              help="The output's tokenizer: base (default, as mergekit), union, or --base's or an --adapter's.")
+@click.option("--seed", type=click.IntRange(0, 2**63 - 1), default=0, show_default=True,
+              help="Seed of the random methods (dare_*, della*, ...): each tensor's generator derives from it.")
 @click.option("--out", required=True, type=new_path, help="Output folder (a Hugging Face model folder + merge.json).")
-@dtype_option("Output dtype of floating tensors (auto: keep each base tensor's dtype).")
-@device_option("Where the delta products and sums are computed.", default="cpu")
+@dtype_option("Output dtype of floating tensors (auto: the inputs' promoted dtype); a recipe says it with out_dtype.")
+@device_option("Where the merge arithmetic runs (mergekit's --cuda is --device cuda).", default="cpu")
 @shard_size_option("Largest output shard, e.g. 5GB, 500MB, 2GiB.")
 @force_option
 @json_option
-def merge(base, adapters, weights, method, density, seed, out, dtype, device, shard_size, force, as_json):
-    """Merge LoRA adapters and full fine-tunes into BASE, tensor by tensor, and write OUT."""
+def merge(config, base, adapters, weights, method, density, params, tokenizer_source, seed, out, dtype, device,
+          shard_size, force, as_json):
+    """Merge models: a mergekit recipe (--config), or LoRA adapters and fine-tunes into BASE, tensor by tensor."""
+    from workbench.errors import WorkbenchError
     from workbench.provenance import command_line
-    from workbench.weights.merge import merge as run
+    from workbench.weights import merge as merging
 
-    emit(run(base, list(adapters), out=out, weights=weights, method=method, density=density, seed=seed, dtype=dtype,
-             device=device, shard_size=shard_size, force=force, command=command_line()), as_json)
+    if config is not None:
+        given = [name for name, value in (("--base", base), ("--adapter", adapters), ("--weights", weights),
+                                          ("--density", density), ("--param", params),
+                                          ("--tokenizer-source", tokenizer_source)) if value]
+        if given or method != "task_arithmetic" or dtype not in (None, "auto"):
+            raise WorkbenchError(f"--config gives the whole merge; drop {', '.join(given) or '--method/--dtype'}")
+        result = merging.merge_config(config, out=out, seed=seed, device=device, shard_size=shard_size, force=force,
+                                      command=command_line())
+    else:
+        if base is None or not adapters:
+            raise click.UsageError("give --config RECIPE.yml, or --base and at least one --adapter")
+        result = merging.merge(base, list(adapters), out=out, weights=weights, method=method, seed=seed, dtype=dtype,
+                               device=device, shard_size=shard_size, tokenizer_source=tokenizer_source, force=force,
+                               command=command_line(), **{"density": density, **params})
+    emit(result, as_json)
 
 
 @wb.command(name="eval")

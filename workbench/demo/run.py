@@ -309,7 +309,7 @@ def run_demo(
         [train_dir]))
     runner.run(Step("merge", "merge the adapter into the base, tensor by tensor",
                     ["merge", "--base", str(base_path), "--adapter", str(train_dir), "--out", str(merged),
-                     "--device", torch_device], [merged]))
+                     "--tokenizer-source", str(train_dir), "--device", torch_device], [merged]))
     md5_list = out / "merged.md5"
     checksum = runner.run(Step("checksum", "md5 of the merged weight files and their float64 weight-sum",
                                ["checksum", str(merged), "-o", str(md5_list), "--weight-sum", "--json"], [md5_list]))

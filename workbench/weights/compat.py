@@ -7,7 +7,7 @@ no tensor is ever read), so a check of a 70B pair takes as long as one of a tiny
 
 Each comparison is a `Finding`: what was compared, FIRST's and SECOND's values, what wb will do
 (`ok`, `warn`, `resize` with Alpaca's rule, `refuse`) and why. The tensor checks are the very
-functions the commands run (`check_same_names`, `resized_rows`, `LoraAdapter.bind`, `FineTune.bind`),
+functions the commands run (`check_same_names`, `resized_rows`, `LoraAdapter.bind`, `check_same_tensors`),
 so a refusal here is the refusal the command would make, with the same message, only earlier.
 
 Two ways in:
@@ -431,10 +431,10 @@ def _one_tensor(purpose: str, name: str, first: _Side, second: _Side, labels: tu
 
 def _fine_tune_bind(first: _Side, second: _Side) -> list[Finding]:
     """wb merge's own check of a full fine-tune against the base, as the first finding when it fails."""
-    from workbench.weights.adapters.finetune import FineTune
+    from workbench.weights.adapters.finetune import check_same_tensors
 
     try:
-        FineTune(second.path, second.checkpoint).bind(first.checkpoint)
+        check_same_tensors(second.checkpoint, first.checkpoint, second.path)
     except WorkbenchError as err:
         return [Finding("fine-tune", first.path.name, second.path.name, "refuse", err.message, err)]
     return []

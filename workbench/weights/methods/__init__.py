@@ -1,8 +1,7 @@
 """Merge methods, one object each (`base.MergeMethod`), by name in `registry`.
 
-- `base`: `MergeMethod`, `Param`, `MergeBlock`: what a method declares and what it is given
+- `base`: `MergeMethod`, `Param`, `TensorInputs`: what a method declares and what it is given
 - `registry`: every method `wb merge` knows, `names()`, `get(name)`
-- `linear`: base + Σ wᵢ·τᵢ, in row blocks
-- `ties`: TIES and DARE, one generalized task arithmetic (sparsify by magnitude or at random,
-  sign election on or off), on whole tensors
+- `mergekit_methods`: mergekit 0.1.5's methods (`MERGEKIT_METHODS`)
+- `ties`: peft's TIES and DARE (`peft_ties`, `peft_dare_linear`, `peft_dare_ties`), on whole tensors
 """

@@ -1,19 +1,33 @@
-"""What a merge method is: a name, declared parameters, a way to be evaluated, and its arithmetic.
+"""What a merge method is: a name, declared parameters, how it treats the base, and its arithmetic.
 
 A method is one `MergeMethod` object (the registry holds one per name). It declares
 
-- `name`: what `--method` takes and merge.json records;
-- `params`: its `Param`s (type, default, range, per model or not). `wb merge` checks the values
-  against them, passes the method its own, and records in merge.json those the method declares
-  (the others as null);
-- `row_blocks`: True when the merged rows [a, b) depend only on rows [a, b) of the base and of the
-  task vectors, so the merger hands the method one row block (a few MiB) at a time; False when it
-  needs whole-tensor statistics and gets whole tensors (one full float32 τ per adapter);
-- `combine(tasks, weights, options, generator)`: the merged task vector from the participating
-  adapters' task vectors.
+- `name`: what a recipe's `merge_method` (or `--method`) says and merge.json records;
+- `params`: its `Param`s, mergekit's names and defaults: per-model ("tensor parameters" of each
+  model: weight, density, epsilon, ...) or global (normalize, lambda, rescale, t, ...). Any value
+  may come from a gradient or a filter in a recipe: the engine resolves every value per tensor and
+  hands the method plain numbers;
+- `base_model`: "required", "optional" or "unused", as mergekit's method treats `base_model`;
+- `row_blocks`: True when output rows [a, b) depend only on rows [a, b) of every input, so the
+  engine hands the method one row block (a few MiB) at a time; False when it needs whole-tensor
+  statistics (a trim threshold, a sign election, a norm) and gets whole tensors;
+- `reference`: which definition this is (merge.json records it), e.g.
+  "mergekit 0.1.5 merge_methods/generalized_task_arithmetic.py (ties)";
+- `merge_tensor(inputs)`: the merged float32 tensor from one `TensorInputs`.
 
-`merge(block)` evaluates base + combine(τ) for one `MergeBlock`; a method may override it to get the
-same value more cheaply (linear adds each adapter straight into one buffer, never forming a τ).
+A method whose statistics can be gathered row block by row block (a trim threshold from histograms,
+a norm from partial sums) may stream although it needs them: it declares `statistic_passes` = n > 0
+and writes `gather` (and maybe `settle`). The engine then reads the tensor's row blocks n times
+first, calling `gather(inputs, state, p)` on every block of pass p in row order and `settle(state, p)`
+after each pass, and then calls `merge_tensor` on every row block in row order with the final state
+in `inputs.state`: memory stays a few row blocks per model, whatever the tensor's size, for the
+price of reading the inputs n more times.
+
+What the engine guarantees (and the methods rely on): `inputs.models` never holds the base model's
+tensor when the method uses a base (mergekit drops base_model from the model list for those
+methods); when `base_model` is "unused", `inputs.base` is None and every model the recipe lists is
+in `inputs.models`. Methods that need more than tensors (passthrough with slices, tokenizer union)
+are the engine's; a method sees only `TensorInputs`.
 """
 
 from __future__ import annotations
@@ -21,22 +35,22 @@ from __future__ import annotations
 import hashlib
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from workbench.errors import WorkbenchError
-from workbench.weights.adapters.base import MergeSource
+BASE_MODEL_POLICIES = ("required", "optional", "unused")
 
 
 @dataclass(frozen=True)
 class Param:
-    """One parameter of a merge method: `--NAME` on the command line, NAME in merge.json.
+    """One parameter of a merge method: NAME in a recipe's `parameters` (`--param NAME=VALUE` on
+    the command line), NAME in merge.json.
 
-    `low`/`high` bound the value (inclusive or not); a float must also be finite. A per-model
-    parameter takes one value per `--adapter` (default: `default` for each)."""
+    `low`/`high` bound the value (inclusive or not); a float must also be finite. `per_model`: a
+    value per model (mergekit's tensor parameters of each model); else one value for the merge.
+    `required`: no default; a recipe must give it (mergekit's `required=True`)."""
 
     name: str
     type: type
@@ -46,31 +60,26 @@ class Param:
     low_inclusive: bool = False
     high_inclusive: bool = True
     per_model: bool = False
-
-    def check(self, value: Any, models: int) -> Any:
-        """`value` checked against the declaration (None: the default); per-model values as a list of
-        `type`, one per model. Raises a one-line WorkbenchError naming the option."""
-        if not self.per_model:
-            value = self.default if value is None else value
-            if not self.allows(value):
-                raise WorkbenchError(f"--{self.name} must be {self.expected(plural=False)}, got {value}")
-            return value
-        values = [self.default] * models if value is None else list(value)
-        if len(values) != models:
-            raise WorkbenchError(f"--{self.name} has {len(values)} value(s) for {models} adapter(s)")
-        if not all(self.allows(v) for v in values):
-            raise WorkbenchError(f"--{self.name} must be {self.expected(plural=True)}")
-        return [self.type(v) for v in values]
+    required: bool = False
 
     def allows(self, value: Any) -> bool:
-        if self.type is float and not math.isfinite(value):
+        """Whether `value` is of this parameter's type and in its range."""
+        if self.type is bool:
+            return isinstance(value, bool)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return False
+        if self.type is int and not float(value).is_integer():
+            return False
+        if not math.isfinite(value):
             return False
         if self.low is not None and not (value >= self.low if self.low_inclusive else value > self.low):
             return False
         return self.high is None or (value <= self.high if self.high_inclusive else value < self.high)
 
     def expected(self, plural: bool) -> str:
-        """What a valid value is, in words: "in (0, 1]", ">= 0", "finite numbers"."""
+        """What a valid value is, in words: "in (0, 1]", ">= 0", "finite numbers", "a bool"."""
+        if self.type is bool:
+            return "true or false"
         if self.low is not None and self.high is not None:
             return f"in {'[' if self.low_inclusive else '('}{self.low:g}, {self.high:g}{']' if self.high_inclusive else ')'}"
         if self.low is not None:
@@ -81,8 +90,9 @@ class Param:
         return f"{what}s" if plural else f"a {what}"
 
 
-# The per-model weights every method takes (merge.json also records each adapter's own).
-WEIGHTS = Param("weights", float, 1.0, per_model=True)
+# The per-model `weight`: required wherever mergekit 0.1.5 declares it (it has no default there);
+# the command line's `--weights` gives it, 1.0 per adapter unless told.
+WEIGHT = Param("weight", float, None, per_model=True, required=True)
 
 
 def tensor_seed(seed: int, name: str) -> int:
@@ -97,85 +107,48 @@ def take_rows(tensor: torch.Tensor, start: int, stop: int) -> torch.Tensor:
 
 
 @dataclass
-class MergeBlock:
-    """What a method merges at a time: rows [start, stop) of base tensor `name` (all its rows, for a
-    whole-tensor method) and the sources that touch it, with their weights, in --adapter order.
+class TensorInputs:
+    """What a method merges at a time: one output tensor (or rows [start, stop) of it, for a
+    row-block method), every input float32 on the merge device."""
 
-    Adapter i's task vector on these rows is (its replacement − base) where it replaces the tensor,
-    plus its low-rank delta where it adds one."""
-
-    name: str
-    start: int
-    stop: int
-    base: torch.Tensor  # the base's rows as stored: maybe the read-only mapped view, never modify
-    sources: list[MergeSource]
-    weights: list[float]
-    options: Mapping[str, Any]  # the method's checked non-per-model parameters
-    generator: torch.Generator | None  # one per tensor, for a method that declares `seed`
-    device: torch.device
-    scratch: Callable[[torch.Size], torch.Tensor]  # a float32 buffer reused between blocks
-
-    def fetch(self, tensor: torch.Tensor) -> torch.Tensor:
-        """float32 on the merge device (maybe `tensor` itself: never modify it)."""
-        return tensor.to(device=self.device, dtype=torch.float32)
-
-    def replacement(self, i: int) -> torch.Tensor | None:
-        """These rows of adapter i's replacement tensor, as stored, or None where it has none."""
-        tensor = self.sources[i].replacement(self.name)
-        return None if tensor is None else take_rows(tensor, self.start, self.stop)
-
-    def add_delta(self, i: int, acc: torch.Tensor, weight: float) -> None:
-        """acc += weight × adapter i's low-rank delta on these rows (nothing where it adds none)."""
-        source = self.sources[i]
-        if source.adds_delta(self.name):
-            source.add_delta(acc, self.name, self.start, self.stop, weight)
-
-    def task(self, i: int, base: torch.Tensor) -> torch.Tensor:
-        """Adapter i's full task vector on these rows, a new float32 tensor; `base` = fetch(self.base)."""
-        replacement = self.replacement(i)
-        task = torch.zeros_like(base) if replacement is None else self.fetch(replacement) - base
-        self.add_delta(i, task, 1.0)
-        return task
+    name: str                           # the output tensor's name
+    base: torch.Tensor | None           # None when the method has no base model
+    models: list[torch.Tensor]          # one per participating non-base model, recipe order, same shape
+    model_params: list[dict[str, Any]]  # per entry of `models`: its per-model parameter values for THIS tensor
+    params: dict[str, Any]              # global parameter values for THIS tensor
+    generator: torch.Generator | None   # seeded per tensor (tensor_seed(seed, name)); the only randomness allowed
+    start: int = 0                      # the rows [start, stop) these are; whole tensors: 0, rows
+    stop: int | None = None
+    state: Any = None                   # what `gather` passes left (methods with statistic_passes)
 
 
 class MergeMethod(ABC):
-    """One merge method. Subclasses set `name`, `params` and `row_blocks` and write `combine`."""
+    """One merge method. Subclasses set `name`, `params`, `base_model`, `row_blocks` and
+    `reference` and write `merge_tensor`."""
 
     name: str
     params: tuple[Param, ...]
+    base_model: str = "required"
     row_blocks: bool = False
+    statistic_passes: int = 0
+    reference: str
 
     @abstractmethod
-    def combine(self, tasks: list[torch.Tensor], weights: Sequence[float], options: Mapping[str, Any],
-                generator: torch.Generator | None = None) -> torch.Tensor:
-        """The merged task vector of one block from the participating adapters' float32 task
-        vectors (same shape, --adapter order), which it may modify in place."""
+    def merge_tensor(self, inputs: TensorInputs) -> torch.Tensor:
+        """The merged float32 tensor (same shape as the inputs). May modify inputs.models in place."""
 
-    def merge(self, block: MergeBlock) -> torch.Tensor:
-        """base + combine(τ) on the block, float32 on the merge device."""
-        base = block.fetch(block.base)
-        tasks = [block.task(i, base) for i in range(len(block.sources))]
-        merged = self.combine(tasks, block.weights, block.options, block.generator)
-        del tasks
-        return merged.add_(base)
+    def gather(self, inputs: TensorInputs, state: Any, pass_index: int) -> Any:
+        """The statistics state after one more row block of pass `pass_index` (None at the start of
+        the first pass). Only for methods that declare `statistic_passes`."""
+        raise NotImplementedError(f"{self.name} declares no statistic passes")
+
+    def settle(self, state: Any, pass_index: int) -> Any:
+        """The state once every row block of pass `pass_index` was gathered (default: as it is)."""
+        return state
 
     def param(self, name: str) -> Param | None:
+        """The declared parameter called `name`, or None."""
         return next((p for p in self.params if p.name == name), None)
-
-    def check(self, values: Mapping[str, Any], models: int) -> dict[str, Any]:
-        """{name: checked value} of every declared parameter, from `values` (missing: the default)."""
-        return {p.name: p.check(values.get(p.name), models) for p in self.params}
-
-    def options(self, checked: Mapping[str, Any]) -> dict[str, Any]:
-        """The non-per-model values of `checked`: what `combine` gets as `options`."""
-        return {p.name: checked[p.name] for p in self.params if not p.per_model}
-
-    def generator(self, name: str, options: Mapping[str, Any]) -> torch.Generator | None:
-        """For a method that declares `seed`: tensor `name`'s CPU generator (`tensor_seed`), so a
-        seed gives the same model on any device and in any tensor order."""
-        if "seed" not in options:
-            return None
-        return torch.Generator().manual_seed(tensor_seed(options["seed"], name))
 
     def __repr__(self) -> str:
         return f"<merge method {self.name}>"

@@ -1,24 +1,24 @@
 """Every merge method `wb merge` knows, one object each, in `--method`'s order.
 
-`--method`'s choices (`names()`), the streaming decision (`row_blocks`), the settings checked and
-the keys merge.json records (`params()`) all come from here. Adding a method: its module in this
-package (or one more configuration of an existing class) and one line in `METHODS`.
+A recipe's `merge_method` and `--method`'s choices (`names()`), the streaming decision
+(`row_blocks`), the parameters checked and recorded (`params`), how the base is treated
+(`base_model`) and merge.json's `reference` all come from here. mergekit's methods come from
+`mergekit_methods.MERGEKIT_METHODS`; peft's TIES/DARE variants (`ties.PEFT_METHODS`) follow under
+their own `peft_` names. Adding a method: its module in this package and its object in one of those
+tuples.
 """
 
 from __future__ import annotations
 
 from workbench.errors import WorkbenchError
-from workbench.weights.methods.base import MergeMethod, Param
-from workbench.weights.methods.linear import Linear
-from workbench.weights.methods.ties import GeneralizedTaskArithmetic
+from workbench.weights.methods.base import MergeMethod
+from workbench.weights.methods.mergekit_methods import MERGEKIT_METHODS
+from workbench.weights.methods.ties import PEFT_METHODS
 
-METHODS: tuple[MergeMethod, ...] = (
-    Linear(),
-    GeneralizedTaskArithmetic("ties", sparsify="magnitude", sign_election=True),
-    GeneralizedTaskArithmetic("dare_linear", sparsify="random", sign_election=False),
-    GeneralizedTaskArithmetic("dare_ties", sparsify="random", sign_election=True),
-)
+METHODS: tuple[MergeMethod, ...] = (*MERGEKIT_METHODS, *PEFT_METHODS)
 REGISTRY: dict[str, MergeMethod] = {method.name: method for method in METHODS}
+if len(REGISTRY) != len(METHODS):
+    raise RuntimeError("two merge methods share a name")
 
 
 def names() -> tuple[str, ...]:
@@ -32,13 +32,3 @@ def get(name: str) -> MergeMethod:
     if method is None:
         raise WorkbenchError(f"unknown merge method {name!r}; use one of {', '.join(REGISTRY)}")
     return method
-
-
-def params() -> tuple[Param, ...]:
-    """Every parameter some method declares, in first-declared order: merge.json records each
-    (null for a method that does not declare it)."""
-    found: dict[str, Param] = {}
-    for method in METHODS:
-        for param in method.params:
-            found.setdefault(param.name, param)
-    return tuple(found.values())
