@@ -1,8 +1,10 @@
-"""File hashes in `md5sum -c` format, computed in parallel with large reads."""
+"""File hashes in `md5sum -c` format, computed in parallel with large reads, and hashes computed
+while a file is being written (`StreamHasher`) or read in another order (`FileHasher`)."""
 
 from __future__ import annotations
 
 import hashlib
+import mmap
 import queue
 import re
 import threading
@@ -69,26 +71,116 @@ def parse_checksum_file(path: Path) -> tuple[str, dict[str, str]]:
 
 
 class StreamHasher:
-    """Hashes bytes on a background thread while the caller goes on writing them."""
+    """Hashes bytes on background threads (one per algorithm: md5 and sha256 of one file run side
+    by side) while the caller goes on writing them."""
 
     def __init__(self, algos: Iterable[str]):
         self.hashers = {algo: hashlib.new(algo) for algo in algos}
-        self._queue: queue.Queue[bytes | memoryview | None] = queue.Queue(maxsize=8)
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
+        self._queues: list[queue.Queue[bytes | memoryview | None]] = []
+        self._threads = []
+        for hasher in self.hashers.values():
+            pending: queue.Queue[bytes | memoryview | None] = queue.Queue(maxsize=8)
+            self._queues.append(pending)
+            self._threads.append(threading.Thread(target=self._run, args=(hasher, pending), daemon=True))
+        for thread in self._threads:
+            thread.start()
 
     def update(self, data: bytes | memoryview) -> None:
-        self._queue.put(data)
+        for pending in self._queues:
+            pending.put(data)
 
     def hexdigests(self) -> dict[str, str]:
-        self._queue.put(None)
-        self._thread.join()
+        for pending in self._queues:
+            pending.put(None)
+        for thread in self._threads:
+            thread.join()
         return {algo: hasher.hexdigest() for algo, hasher in self.hashers.items()}
 
-    def _run(self) -> None:
-        while (data := self._queue.get()) is not None:
-            for hasher in self.hashers.values():
-                hasher.update(data)
+    @staticmethod
+    def _run(hasher, pending: queue.Queue) -> None:
+        while (data := pending.get()) is not None:
+            hasher.update(data)
+
+
+class FileHasher:
+    """Hashes one file front to back on background threads (one per algorithm), as far as the
+    caller has asked so far.
+
+    For a caller that reads the file in an order of its own (`wb diff` reads tensors in the order
+    of its output, through memory maps): `advance(offset)` before it reads bytes below `offset`
+    has the hashers go on through the file up to there, from a mapping of the file, so that they
+    read the very page-cache pages the caller is reading, while it works on them. Each byte is read
+    from the disk once and hashed once, in file order, whatever order the caller visits the file
+    in; nothing is copied, and the caller never waits for a hash before `hexdigests()`, which hashes
+    whatever is left. Use it as a context manager: leaving the block stops the threads."""
+
+    def __init__(self, path: Path, algos: Iterable[str]):
+        self.path = path
+        self._map = _map_read_only(path) if path.stat().st_size else None  # mmap refuses an empty file
+        self.size = len(self._map) if self._map is not None else 0
+        self._target = 0
+        self._stopped = False
+        self._changed = threading.Condition()
+        self._algos = tuple(algos)
+        self._digests: dict[str, str] = {}
+        self._threads = [threading.Thread(target=self._follow, args=(algo,), name=f"wb-hash {algo} {path.name}", daemon=True)
+                         for algo in self._algos]
+        for thread in self._threads:
+            thread.start()
+
+    def advance(self, offset: int) -> None:
+        """Have bytes [0, offset) hashed (soon: this does not wait)."""
+        with self._changed:
+            if offset > self._target:
+                self._target = min(offset, self.size)
+                self._changed.notify_all()
+
+    def hexdigests(self) -> dict[str, str]:
+        """Hash the rest of the file, wait for it, and return {algo: hex digest}."""
+        self.advance(self.size)
+        self._join()
+        return {algo: self._digests[algo] for algo in self._algos}
+
+    def close(self) -> None:
+        with self._changed:
+            self._stopped = True
+            self._changed.notify_all()
+        self._join()
+
+    def __enter__(self) -> FileHasher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _join(self) -> None:
+        for thread in self._threads:
+            thread.join()
+        if self._map is not None:
+            self._map.close()
+            self._map = None
+
+    def _follow(self, algo: str) -> None:
+        hasher = hashlib.new(algo)
+        position = 0
+        with memoryview(self._map if self._map is not None else b"") as view:
+            while position < self.size:
+                with self._changed:
+                    while self._target <= position and not self._stopped:
+                        self._changed.wait()
+                    target = self._target
+                while position < target and not self._stopped:
+                    end = min(target, position + READ_CHUNK)
+                    hasher.update(view[position:end])
+                    position = end
+                if self._stopped:
+                    return
+        self._digests[algo] = hasher.hexdigest()
+
+
+def _map_read_only(path: Path) -> mmap.mmap:
+    with open(path, "rb") as handle:
+        return mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)
 
 
 def sha256_file(path: Path) -> str:

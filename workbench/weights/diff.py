@@ -10,12 +10,14 @@ safetensors of `tuned - base`), so Alpaca/KnowLM-style scripts can still use it.
   bit-identical to TUNED (e.g. fp32 weights that changed sign or magnitude a lot, or a diff stored
   in a narrower dtype), as flat indices and the XOR of the bit patterns. The XOR is relative to
   `base + diff`, so the side file is as useless without RAW as the diff itself.
+
+RAW and TUNED are each read once: the file hashes weight_diff.json records are computed from the
+bytes the diff reads, as it reads them (`_InputFileHashes`), not by a second pass over the inputs.
 """
 
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +27,7 @@ from workbench import __version__, provenance
 from workbench.dtypes import parse_dtype
 from workbench.errors import WorkbenchError
 from workbench.io.blocks import row_blocks
-from workbench.io.hashing import hash_file, hash_files
+from workbench.io.hashing import FileHasher
 from workbench.io.reader import Checkpoint, open_checkpoint
 from workbench.io.safetensors_format import layout
 from workbench.io.weightsum import float64_sum
@@ -128,6 +130,9 @@ def make_diff(
     shard_size = parse_size(max_shard_size)
     check_can_write(out, force)
     check_not_input(out, [base, tuned])
+    from workbench.weights.compat import check_before, print_notes
+
+    print_notes(check_before("diff", base, tuned))
     raw, tun = open_checkpoint(base), open_checkpoint(tuned)
     check_same_names(tun.names(), raw.names(), "TUNED", "RAW", Path(base))
     resized = {}
@@ -140,12 +145,15 @@ def make_diff(
         for name, info in tun.infos.items()
     ]
     with atomic_dir(out, force, inputs=[base, tuned]) as tmp:
-        job = _DiffPass(raw, tun, resized, _FixupSpill(tmp), TensorDigests(), TensorDigests())
-        with job.base_digests, job.tuned_digests:
+        job = _DiffPass(raw, tun, resized, _FixupSpill(tmp), TensorDigests(), TensorDigests(),
+                        _InputFileHashes(raw, ("md5",)),
+                        _InputFileHashes(tun, ("md5", "sha256") if tun.format == "safetensors" else ()))
+        with job.base_digests, job.tuned_digests, job.base_files, job.tuned_files:
             report = write_checkpoint(tmp, plan_shards(specs, shard_size), job.produce, description="diff")
+            base_files, tuned_files = job.base_files.digests(), job.tuned_files.digests()
         fixup_report = job.spill.write(tmp)
         copy_side_files(tun.root, tmp)
-        meta = _meta(raw, tun, job, diff_dtype, report.files, fixup_report, command)
+        meta = _meta(raw, tun, job, diff_dtype, report.files, fixup_report, command, base_files, tuned_files)
         write_meta(tmp, meta)
     elements = sum(math.prod(info.shape) for info in tun.infos.values())
     return DiffResult(
@@ -172,6 +180,8 @@ class _DiffPass:
     spill: _FixupSpill
     base_digests: TensorDigests
     tuned_digests: TensorDigests
+    base_files: _InputFileHashes
+    tuned_files: _InputFileHashes
     base_sum: float = 0.0
     tuned_sum: float = 0.0
     base_tensor_sums: dict[str, float] = field(default_factory=dict)
@@ -179,6 +189,8 @@ class _DiffPass:
 
     def produce(self, spec: TensorSpec):
         name = spec.name
+        self.base_files.reading(name)
+        self.tuned_files.reading(name)
         base, tuned = self.raw.tensor(name), self.tuned.tensor(name)
         old = self.resized.get(name)
         mean = None
@@ -204,6 +216,52 @@ class _DiffPass:
         self.base_digests.finish(name)
         self.base_tensor_sums[name] = base_sum
         self.base_sum += base_sum
+
+
+class _InputFileHashes:
+    """The hashes of an input's files that weight_diff.json records, computed as the diff reads them.
+
+    The diff reads tensors in its output's order, which is neither RAW's nor TUNED's file order: each
+    output shard is laid out by dtype and name and may span several input files, and RAW and TUNED
+    may be sharded differently. So each file gets a `FileHasher` (started at the file's first
+    tensor) that is advanced, just before a tensor is read, to the end of that tensor's bytes: it
+    hashes the file in file order, header included, from the same page-cache pages, alongside the
+    diff, and holds no bytes of its own. A `.bin` file is hashed to its end at its first tensor:
+    where the pickle puts each tensor's bytes is torch's business, and torch maps the file too, so
+    the two still share one read of it."""
+
+    def __init__(self, checkpoint: Checkpoint, algos: tuple[str, ...]):
+        self.checkpoint = checkpoint
+        self.algos = algos
+        self.hashers: dict[Path, FileHasher] = {}
+        self.ends = {
+            slot.name: header.data_start + slot.end for header in checkpoint.headers.values() for slot in header.slots
+        }
+
+    def reading(self, name: str) -> None:
+        """Tensor `name` is about to be read: hash its file up to the end of its bytes."""
+        if not self.algos:
+            return
+        hasher = self._hasher(self.checkpoint.infos[name].file)
+        hasher.advance(self.ends.get(name, hasher.size))
+
+    def digests(self) -> dict[Path, dict[str, str]]:
+        """{file: {algo: hex}} for every file (hashing what is left), or {} when there are no algos."""
+        if not self.algos:
+            return {}
+        return {file: self._hasher(file).hexdigests() for file in self.checkpoint.files}
+
+    def _hasher(self, file: Path) -> FileHasher:
+        if file not in self.hashers:
+            self.hashers[file] = FileHasher(file, self.algos)
+        return self.hashers[file]
+
+    def __enter__(self) -> _InputFileHashes:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for hasher in self.hashers.values():
+            hasher.close()
 
 
 class _FixupSpill:
@@ -262,10 +320,12 @@ def _read_spill(spec: TensorSpec, source: tuple[Path, int, torch.dtype]):
 
 
 def _meta(raw: Checkpoint, tuned: Checkpoint, job: _DiffPass, diff_dtype: torch.dtype,
-          diff_files: dict, fixup_file: dict | None, command: str | None) -> dict:
+          diff_files: dict, fixup_file: dict | None, command: str | None, base_files: dict[Path, dict[str, str]],
+          tuned_files: dict[Path, dict[str, str]]) -> dict:
+    """weight_diff.json; `base_files`/`tuned_files`: {file: {algo: hex}} of RAW's (md5) and, for a
+    safetensors TUNED, TUNED's (md5, sha256) files."""
     base_digests = job.base_digests.digests
     tuned_digests = job.tuned_digests.digests
-    raw_md5 = hash_files(list(raw.files), "md5", os.cpu_count() or 1)
     made = provenance.record(VERSIONED, command)
     return {
         "wb_weight_diff_version": FORMAT_VERSION,
@@ -290,7 +350,7 @@ def _meta(raw: Checkpoint, tuned: Checkpoint, job: _DiffPass, diff_dtype: torch.
         "base": {
             "name": raw.root.resolve().name,  # the folder name only: a published file should not carry local paths
             "format": raw.format,
-            "files": {raw.relative(f): {"size": f.stat().st_size, "md5": md5} for f, md5 in zip(raw.files, raw_md5)},
+            "files": {raw.relative(f): {"size": f.stat().st_size, "md5": base_files[f]["md5"]} for f in raw.files},
             "weight_sum": job.base_sum,
             "tensors": {
                 name: {"shape": list(info.shape), "dtype": dtype_name(info.dtype), "sha256": base_digests[name],
@@ -306,20 +366,19 @@ def _meta(raw: Checkpoint, tuned: Checkpoint, job: _DiffPass, diff_dtype: torch.
                 name: {"shape": list(info.shape), "dtype": dtype_name(info.dtype), "sha256": tuned_digests[name]}
                 for name, info in tuned.infos.items()
             },
-            "layout": _tuned_layout(tuned) if tuned.format == "safetensors" else None,
+            "layout": _tuned_layout(tuned, tuned_files) if tuned.format == "safetensors" else None,
         },
     }
 
 
-def _tuned_layout(tuned: Checkpoint) -> dict:
+def _tuned_layout(tuned: Checkpoint, file_hashes: dict[Path, dict[str, str]]) -> dict:
     """What `wb recover` needs to write TUNED's safetensors files byte for byte."""
     files = {}
     for file in tuned.files:
-        hashes = hash_file(file, ("md5", "sha256"))
         files[tuned.relative(file)] = {
             "header": encode_header(tuned.headers[file].raw),
             "size": file.stat().st_size,
-            **hashes,
+            **file_hashes[file],
         }
     index = None
     if tuned.index_file is not None:
