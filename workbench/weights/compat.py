@@ -46,8 +46,8 @@ from workbench.io.reader import Checkpoint, open_checkpoint
 from workbench.outputs import Note
 from workbench.weights.adapters.lora import (
     ADAPTER_CONFIG,
-    _read_config,
     check_numbers,
+    read_adapter_config,
     read_lora_adapter,
     refuse_unmergeable,
 )
@@ -291,7 +291,7 @@ def _open_model(path: Path, kind: str, strict: bool) -> _Side:
 def _open_adapter(path: Path) -> _Side:
     """An adapter folder: its config (bad JSON is refused: every command that takes an adapter reads
     it) and tokenizer files; its tensors are opened by the LoRA reader where they are compared."""
-    config = _read_config(path)
+    config = read_adapter_config(path)
     return _Side(path=path, kind="adapter", folder=path, adapter_config=config, tokenizer=tokenizer_facts(path))
 
 
@@ -828,6 +828,8 @@ def _lora_tensor_findings(purpose: str, model: _Side, adapter: _Side) -> list[Fi
         return [Finding("adapter tensors", None, None, "refuse", err.message, err)]
     try:
         tied = bool(model.get("tie_word_embeddings"))
+        if tied:  # the head's copy of the embedding's tensors is merged as the embedding, as bind does
+            lora = lora.without_tied_head_copy(model.checkpoint)
         findings: list[Finding] = []
         for target, pair in lora.modules.items():
             single = replace(lora, modules={target: pair}, replacements={})

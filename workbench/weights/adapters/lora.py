@@ -212,6 +212,8 @@ class LoraAdapter:
     def bind(self, base: Checkpoint, tied_embeddings: bool = False) -> LoraAdapter:
         """Check every target against `base` (present, floating, same shape) and settle which
         pairs are transposed. Errors name the module and both shapes."""
+        if tied_embeddings:
+            self = self.without_tied_head_copy(base)
         bound = {}
         for target, pair in self.modules.items():
             if target not in base:
@@ -236,6 +238,23 @@ class LoraAdapter:
                     f"the base's is {list(theirs)} (adapter made for another base, or a resized vocabulary?)",
                     self.path)
         return replace(self, modules=bound, base=base)
+
+    def without_tied_head_copy(self, base: Checkpoint) -> LoraAdapter:
+        """peft saves a tied output head's copy of the input embedding's adapter tensors (with
+        ensure_weight_tying: `lm_head.weight` beside `embed_tokens.weight`, or `lm_head.lora_A/B` =
+        the embedding LoRA's B.T / A.T) and needs them to load. On a base that ties the two and has
+        no lm_head.weight, the head *is* the embedding: the copy is dropped, the embedding's entry
+        merges it."""
+        head = "lm_head.weight"
+        if head in base:
+            return self
+        embedding_replaced = any(t.endswith("embed_tokens.weight") for t in self.replacements)
+        embedding_adapted = any(p.embedding for p in self.modules.values())
+        return replace(
+            self,
+            modules={t: p for t, p in self.modules.items() if not (t == head and embedding_adapted)},
+            replacements={t: n for t, n in self.replacements.items() if not (t == head and embedding_replaced)},
+        )
 
     def _orient(self, pair: LoraModule, base_shape: tuple[int, ...]) -> LoraModule:
         a_shape = self.checkpoint.info(pair.a_name).shape
@@ -262,7 +281,7 @@ def is_lora_adapter(path: Path) -> bool:
 def read_lora_adapter(path: str | Path) -> LoraAdapter:
     """Open a PEFT LoRA adapter folder, refusing (by name) whatever cannot be merged exactly."""
     path = Path(path)
-    config = _read_config(path)
+    config = read_adapter_config(path)
     refuse_unmergeable(config, path)
     weights = next((path / n for n in ADAPTER_WEIGHTS if (path / n).is_file()), None)
     if weights is None:
@@ -353,7 +372,7 @@ def lora_scale(config: dict, module: str) -> tuple[int, float, float]:
     return rank, alpha, scale
 
 
-def _read_config(path: Path) -> dict:
+def read_adapter_config(path: Path) -> dict:
     file = path / ADAPTER_CONFIG
     if not file.is_file():
         raise WorkbenchError(f"not a PEFT adapter (no {ADAPTER_CONFIG})", path)
