@@ -423,7 +423,8 @@ def recover_command(ctx, base, diff_path, out, diff_format, dtype, expect_sum, a
         given = [f"--{name.replace('_', '-')}" for name in ("dtype", "expect_sum", "atol", "device", "shard_size")
                  if ctx.get_parameter_source(name) is click.core.ParameterSource.COMMANDLINE]
         if given:
-            raise click.UsageError(f"{', '.join(given)} do(es) not apply to an XOR release: its files are rebuilt byte "
+            raise click.UsageError(f"{', '.join(given)} {'does' if len(given) == 1 else 'do'} not apply to an XOR "
+                                   "release: its files are rebuilt byte "
                                    "for byte and checked against its result.md5 (use --checksums for another list)")
         emit(recover_xor(base, diff_path, out, checksums=checksums, force=force), as_json)
         return
