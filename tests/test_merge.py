@@ -291,10 +291,28 @@ def test_peft_ties_and_dare_equal_peft_merge_utils_on_full_deltas(base, work, ad
     assert json.loads((out / "merge.json").read_text())["reference"] == f"peft 0.21 utils/merge_utils.py ({method})"
 
 
+def magnitude_prune(task: torch.Tensor, density: float) -> torch.Tensor:
+    """peft_ties' trim of one τ, seen through the method: one model of weight 1 on a zero base gives
+    its trimmed τ back (a lone τ agrees with its own signs). Whole, and over blocks of one row (a
+    vector as a column: its ties then cross the blocks)."""
+    from workbench.weights.methods.base import TensorInputs
+    from workbench.weights.methods.registry import get
+
+    method = get("peft_ties")
+    rows = task.reshape(task.shape[0], -1)
+
+    def read(start: int, stop: int) -> TensorInputs:
+        return TensorInputs("w", torch.zeros_like(rows[start:stop]), [rows[start:stop].clone()], [{"weight": 1.0}],
+                            {"density": density}, None, start, stop)
+
+    whole = method.merge_tensor(read(0, rows.shape[0]))
+    streamed = torch.cat(list(method.merge_blocks(read, [(i, i + 1) for i in range(rows.shape[0])])))
+    assert torch.equal(streamed, whole)
+    return whole.reshape(task.shape)
+
+
 def test_magnitude_prune_keeps_exactly_the_top_fraction_ties_by_position():
     from peft.utils.merge_utils import prune
-
-    from workbench.weights.methods.ties import magnitude_prune
 
     x = torch.randn(50, 40, generator=torch.Generator().manual_seed(0))
     assert torch.equal(magnitude_prune(x.clone(), 0.3), prune(x, 0.3, "magnitude"))

@@ -201,6 +201,50 @@ def test_model_plus_lora_is_applied_streamed_never_materialised(zoo, monkeypatch
     assert (lora["kind"], lora["lora"], lora["lora_modules"]) == ("lora", str(zoo / "lora"), 3 * LAYERS)
 
 
+class NotStreamed:
+    """What the engine's `StreamedMethod` becomes in a test that wants whole tensors: no method is one."""
+
+
+@pytest.mark.parametrize(("name", "passes"), [("ties", 2), ("slerp", 1)])
+def test_streamed_methods_merge_row_block_by_row_block(zoo, monkeypatch, name, passes):
+    """The engine hands a streamed whole-tensor method (ties' exact thresholds, slerp's angle) the
+    row blocks of each of its passes through `merge_blocks`: over blocks of 300 entries (four or
+    more per matrix), the output is the whole-tensor merge's and mergekit's, and no read asks for a
+    whole matrix: every block is read once per pass and once more to merge."""
+    import workbench.weights.merge as merging
+    from workbench.io.blocks import row_blocks
+
+    monkeypatch.chdir(zoo)
+    (zoo / f"{name}.yml").write_text(RECIPES[name])
+    whole = zoo / f"wb-whole-{name}"
+    shutil.rmtree(whole, ignore_errors=True)
+    with monkeypatch.context() as patch:
+        patch.setattr(merging, "StreamedMethod", NotStreamed)  # merge_tensor on whole tensors
+        result = wb_merge("--config", f"{name}.yml", "--out", whole.name)
+        assert result.exit_code == 0, result.output
+
+    reads: dict[str, list[tuple[int, int]]] = {}
+    inputs = merging.TensorMerger._inputs
+
+    def counted(self, plan, start, stop, *args):
+        reads.setdefault(plan.name, []).append((start, stop))
+        return inputs(self, plan, start, stop, *args)
+
+    monkeypatch.setattr(merging.TensorMerger, "_inputs", counted)
+    monkeypatch.setattr(merging, "row_blocks", lambda shape: row_blocks(shape, 300))
+    streamed, theirs, _ = run_both(zoo, name, RECIPES[name], monkeypatch)
+    assert_same_tensors(streamed, whole, 1e-6)
+    assert_same_tensors(streamed, theirs)
+    shapes = {name: tuple(tensor.shape) for name, tensor in tensors(whole).items()}
+    matrices = [tensor for tensor, shape in shapes.items() if len(shape) == 2 and tensor in reads]
+    assert len(matrices) >= 7 * LAYERS
+    for tensor in matrices:
+        blocks = row_blocks(shapes[tensor], 300)
+        assert len(blocks) >= 4, tensor
+        assert sorted(reads[tensor]) == sorted(blocks * (passes + 1)), tensor
+        assert max(stop - start for start, stop in reads[tensor]) < shapes[tensor][0], tensor
+
+
 def test_tokenizer_union_gives_mergekits_vocabulary_and_rows(zoo, monkeypatch):
     from transformers import AutoTokenizer
 

@@ -17,6 +17,7 @@ from workbench.io.reader import open_checkpoint
 from workbench.weights.merge import merge
 from workbench.weights.methods import registry
 from workbench.weights.methods.base import BASE_MODEL_POLICIES, WEIGHT, MergeMethod, Param, TensorInputs
+from workbench.weights.methods.streaming import StreamedMethod
 from workbench.weights.methods.ties import PeftTaskArithmetic
 from workbench.weights.recipe import validate
 
@@ -66,8 +67,13 @@ def test_the_peft_family_is_one_class_configured_three_ways():
     assert (dare_ties.sparsify, dare_ties.sign_election) == ("random", True)
     assert [p.name for p in ties.params] == ["weight", "density"] and ties.params[0] == WEIGHT
     assert not any(m.row_blocks for m in (ties, dare_linear, dare_ties))
-    # peft_ties streams after two statistic passes (its exact thresholds); DARE draws whole-tensor masks
-    assert (ties.statistic_passes, dare_linear.statistic_passes, dare_ties.statistic_passes) == (2, 0, 0)
+    # all three are streamed methods: peft_ties takes two passes over the row blocks (its exact
+    # thresholds) before it merges block by block; DARE draws whole-tensor masks, so it merges whole
+    assert all(isinstance(m, StreamedMethod) for m in (ties, dare_linear, dare_ties))
+    first = TensorInputs("w", torch.zeros(4, 3), [torch.ones(4, 3)], [{"weight": 1.0}], {"density": 0.5},
+                         torch.Generator(), 0, 1)
+    assert [m.passes(first, 12, 3).passes for m in (ties, dare_linear, dare_ties)] == [2, 0, 0]
+    assert [m.merged_whole(first) for m in (ties, dare_linear, dare_ties)] == [False, True, True]
     assert ties.reference == "peft 0.21 utils/merge_utils.py (ties)"
     with pytest.raises(ValueError, match="sparsify must be one of magnitude, random"):
         PeftTaskArithmetic("bogus", sparsify="top", sign_election=False)

@@ -8,9 +8,12 @@ A `Recipe` (recipe.py) names the models, the method and the parameters. The engi
    slice renumbers layers), and every parameter's value for this tensor (gradients and filters
    resolved by mergekit's rule: recipe.evaluate_setting);
 3. writes each tensor: the method's `merge_tensor` on row blocks when the method declares
-   `row_blocks` (a few row blocks per model in memory), else on whole tensors (the tensors of one
-   name, float32, nothing more); a tensor that no model changes is copied from the base; the result
-   is rounded once to the output dtype;
+   `row_blocks` (a few row blocks per model in memory); a streamed whole-tensor method
+   (`streaming.StreamedMethod`) its `merge_blocks` over the row blocks, reading each block once per
+   pass (a few row blocks per model too); any other method, and a vocabulary tensor laid out in a
+   tokenizer union, `merge_tensor` on whole tensors (the tensors of one name, float32, nothing
+   more); a tensor that no model changes is copied from the base; the result is rounded once to
+   the output dtype;
 4. writes config.json, the tokenizer (the base's by default, as mergekit; a named model's; or the
    union of every model's vocabulary, through tokenizer_union) and merge.json, which records the
    recipe as given and as resolved, the method's `reference`, the tokenizer choice and provenance.
@@ -54,6 +57,7 @@ from workbench.weights.adapters.base import MergeSource
 from workbench.weights.adapters.finetune import read_float_model_config
 from workbench.weights.methods import registry
 from workbench.weights.methods.base import MergeMethod, Param, TensorInputs, take_rows, tensor_seed
+from workbench.weights.methods.streaming import StreamedMethod
 from workbench.weights.recipe import (
     ModelRef,
     OutputSlice,
@@ -541,33 +545,24 @@ class TensorMerger:
             return (take_rows(stored, a, b).to(spec.dtype) for a, b in row_blocks(tuple(stored.shape)))
         self.merged += 1
         generator = torch.Generator().manual_seed(tensor_seed(self.seed, spec.name))
-        permuted = None
-        if plan.vocabulary and self.tokenizer.vocabulary is not None:
-            permuted = self.tokenizer.permuted_inputs(plan, self.device)
-            blocks = [(0, spec.shape[0])]
-        elif self.method.row_blocks or self.method.statistic_passes:
-            blocks = row_blocks(spec.shape)
-        else:
-            blocks = [(0, spec.shape[0] if spec.shape else 1)]
-        state = self._gather(plan, blocks, generator, permuted) if self.method.statistic_passes else None
-        if len(blocks) == 1:
-            return self._merge(plan, *blocks[0], generator, permuted, state)
-        return (self._merge(plan, a, b, generator, None, state) for a, b in blocks)
+        if plan.vocabulary and self.tokenizer.vocabulary is not None:  # laid out whole in the union vocabulary
+            return self._merge(plan, 0, spec.shape[0], generator, self.tokenizer.permuted_inputs(plan, self.device))
+        if self.method.row_blocks:
+            return (self._merge(plan, a, b, generator) for a, b in row_blocks(spec.shape))
+        if isinstance(self.method, StreamedMethod):
+            return self._streamed(self.method, plan, row_blocks(spec.shape), generator)
+        return self._merge(plan, 0, spec.shape[0] if spec.shape else 1, generator)
 
-    def _gather(self, plan: TensorPlan, blocks: list[tuple[int, int]], generator: torch.Generator,
-                permuted: list[torch.Tensor] | None) -> Any:
-        """A streaming method's statistics: its passes over every row block, in row order."""
-        state = None
-        for index in range(self.method.statistic_passes):
-            for start, stop in blocks:
-                tensors = None if permuted is None else [t.clone() for t in permuted]
-                inputs = self._inputs(plan, start, stop, generator, tensors)
-                state = self._call(plan, self.method.gather, inputs, state, index)
-            state = self._call(plan, self.method.settle, state, index)
-        return state
+    def _streamed(self, method: StreamedMethod, plan: TensorPlan, blocks: list[tuple[int, int]],
+                  generator: torch.Generator) -> Iterator[torch.Tensor]:
+        """A streamed whole-tensor method's row blocks, in order: it reads the blocks of each of its
+        passes itself (fresh inputs every time, one generator for the tensor)."""
+        merged = method.merge_blocks(lambda start, stop: self._inputs(plan, start, stop, generator), blocks)
+        for start, stop in blocks:
+            yield self._result(plan, self._call(plan, next, merged), start, stop)
 
     def _inputs(self, plan: TensorPlan, start: int, stop: int, generator: torch.Generator,
-                tensors: list[torch.Tensor] | None = None, state: Any = None) -> TensorInputs:
+                tensors: list[torch.Tensor] | None = None) -> TensorInputs:
         """What the method gets for rows [start, stop); `tensors`: the inputs already fetched (the
         base first), else read here."""
         if tensors is None:
@@ -575,7 +570,7 @@ class TensorMerger:
             tensors = [i.model.rows(i.name, start, stop, self.device) for i in inputs]
         base = tensors.pop(0) if plan.base is not None else None
         return TensorInputs(plan.name, base, tensors, [dict(p) for p in plan.model_params], dict(plan.params),
-                            generator, start, stop, state)
+                            generator, start, stop)
 
     def _call(self, plan: TensorPlan, function: Any, *args: Any) -> Any:
         """A method's call, its ValueError/RuntimeError as one line naming the method and tensor."""
@@ -585,12 +580,17 @@ class TensorMerger:
             raise WorkbenchError(f"merge method {self.method.name} on {plan.name!r}: {err}") from None
 
     def _merge(self, plan: TensorPlan, start: int, stop: int, generator: torch.Generator,
-               tensors: list[torch.Tensor] | None = None, state: Any = None) -> torch.Tensor:
-        """Rows [start, stop) merged by the method, rounded once to the output dtype."""
-        inputs = self._inputs(plan, start, stop, generator, tensors, state)
+               tensors: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """Rows [start, stop) merged by the method's `merge_tensor`, rounded once to the output dtype."""
+        inputs = self._inputs(plan, start, stop, generator, tensors)
         merged = self._call(plan, self.method.merge_tensor, inputs)
         del inputs, tensors
+        return self._result(plan, merged, start, stop)
+
+    def _result(self, plan: TensorPlan, merged: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """Merged rows [start, stop) in the output dtype on the CPU, refused where they gained NaN/inf."""
         result = merged.to(plan.dtype, copy=True).cpu()
+        del merged
         if not plan.vocabulary or self.tokenizer.vocabulary is None:
             reference = plan.reference
             if gains_non_finite(result, take_rows(reference.model.stored(reference.name), start, stop)):

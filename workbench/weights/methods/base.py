@@ -9,19 +9,21 @@ A method is one `MergeMethod` object (the registry holds one per name). It decla
   hands the method plain numbers;
 - `base_model`: "required", "optional" or "unused", as mergekit's method treats `base_model`;
 - `row_blocks`: True when output rows [a, b) depend only on rows [a, b) of every input, so the
-  engine hands the method one row block (a few MiB) at a time; False when it needs whole-tensor
-  statistics (a trim threshold, a sign election, a norm) and gets whole tensors;
+  engine hands `merge_tensor` one row block (a few MiB) at a time; False when it needs whole-tensor
+  statistics (a trim threshold, a sign election, a norm);
 - `reference`: which definition this is (merge.json records it), e.g.
   "mergekit 0.1.5 merge_methods/generalized_task_arithmetic.py (ties)";
 - `merge_tensor(inputs)`: the merged float32 tensor from one `TensorInputs`.
 
-A method whose statistics can be gathered row block by row block (a trim threshold from histograms,
-a norm from partial sums) may stream although it needs them: it declares `statistic_passes` = n > 0
-and writes `gather` (and maybe `settle`). The engine then reads the tensor's row blocks n times
-first, calling `gather(inputs, state, p)` on every block of pass p in row order and `settle(state, p)`
-after each pass, and then calls `merge_tensor` on every row block in row order with the final state
-in `inputs.state`: memory stays a few row blocks per model, whatever the tensor's size, for the
-price of reading the inputs n more times.
+A whole-tensor method whose statistics can be gathered row block by row block (a trim threshold
+from histograms, a norm from partial sums) streams all the same: it subclasses
+`streaming.StreamedMethod` and writes `passes(first, numel, row_size)`, a `streaming.Passes` for
+one tensor (`passes` observation passes over every block, then `merge` on each block in row order).
+The engine then calls `merge_blocks(read, blocks)`, where `read(a, b)` gives fresh `TensorInputs`
+of rows [a, b), and writes the merged blocks as they come: memory stays a few row blocks per model,
+whatever the tensor's size, for the price of reading the inputs once more per pass. Its
+`merge_tensor` is the same computation on the whole tensor as one block. Any other whole-tensor
+method gets whole tensors (the tensors of one name, nothing more).
 
 What the engine guarantees (and the methods rely on): `inputs.models` never holds the base model's
 tensor when the method uses a base (mergekit drops base_model from the model list for those
@@ -109,7 +111,7 @@ def take_rows(tensor: torch.Tensor, start: int, stop: int) -> torch.Tensor:
 @dataclass
 class TensorInputs:
     """What a method merges at a time: one output tensor (or rows [start, stop) of it, for a
-    row-block method), every input float32 on the merge device."""
+    row-block or streamed method), every input float32 on the merge device."""
 
     name: str                           # the output tensor's name
     base: torch.Tensor | None           # None when the method has no base model
@@ -119,7 +121,6 @@ class TensorInputs:
     generator: torch.Generator | None   # seeded per tensor (tensor_seed(seed, name)); the only randomness allowed
     start: int = 0                      # the rows [start, stop) these are; whole tensors: 0, rows
     stop: int | None = None
-    state: Any = None                   # what `gather` passes left (methods with statistic_passes)
 
 
 class MergeMethod(ABC):
@@ -130,21 +131,11 @@ class MergeMethod(ABC):
     params: tuple[Param, ...]
     base_model: str = "required"
     row_blocks: bool = False
-    statistic_passes: int = 0
     reference: str
 
     @abstractmethod
     def merge_tensor(self, inputs: TensorInputs) -> torch.Tensor:
         """The merged float32 tensor (same shape as the inputs). May modify inputs.models in place."""
-
-    def gather(self, inputs: TensorInputs, state: Any, pass_index: int) -> Any:
-        """The statistics state after one more row block of pass `pass_index` (None at the start of
-        the first pass). Only for methods that declare `statistic_passes`."""
-        raise NotImplementedError(f"{self.name} declares no statistic passes")
-
-    def settle(self, state: Any, pass_index: int) -> Any:
-        """The state once every row block of pass `pass_index` was gathered (default: as it is)."""
-        return state
 
     def param(self, name: str) -> Param | None:
         """The declared parameter called `name`, or None."""

@@ -3,15 +3,18 @@ thresholds, L1 norms, norms and angles), then one pass that merges each row bloc
 
 A method that needs whole-tensor statistics (`row_blocks` False) but can gather them block by block
 subclasses `StreamedMethod` and writes `passes(first, numel, row_size)`: a `Passes` object for one
-tensor. The engine may then call `merge_blocks(read, blocks)` instead of `merge_tensor`: `read(a, b)`
+tensor. The engine calls `merge_blocks(read, blocks)` instead of `merge_tensor`: `read(a, b)`
 gives fresh float32 `TensorInputs` of rows [a, b) (the engine's row blocks, a few MiB per model),
 and the merged blocks come back in order, so memory stays bounded by a few blocks per model plus
 O(1) statistics, whatever the tensor's size. Every block is read once per pass (from the page
 cache after the first). `merge_tensor(inputs)` is the same computation on one block, the whole
-tensor: one definition, whichever the engine uses.
+tensor (the engine's choice where a tokenizer union lays a vocabulary tensor out whole): one
+definition, whichever the engine uses.
 
 Tensors of fewer than two dimensions (norms, biases: small) are merged whole, their blocks cut
 from the result: some definitions (DELLA's ranks, nuslerp's per-row mode) treat a vector as one row.
+A method whose definition needs the whole tensor at once for other reasons (peft's DARE draws its
+masks over the whole tensor) says so in `merged_whole`.
 """
 
 from __future__ import annotations
@@ -57,7 +60,7 @@ class StreamedMethod(MergeMethod):
         block (parameters, generator, device)."""
 
     def merge_tensor(self, inputs: TensorInputs) -> torch.Tensor:
-        tensor = inputs.base if inputs.base is not None else inputs.models[0]
+        tensor = _reference(inputs)
         row_size = math.prod(tensor.shape[1:]) if tensor.dim() else 1
         plan = self.passes(inputs, tensor.numel(), row_size)
         offset = inputs.start * row_size
@@ -66,17 +69,22 @@ class StreamedMethod(MergeMethod):
             plan.finish(pass_index)
         return plan.merge(inputs, offset)
 
+    def merged_whole(self, first: TensorInputs) -> bool:
+        """Whether this tensor is merged in one block, its row blocks cut from the result (`first`:
+        its first block): a tensor of fewer than two dimensions."""
+        return _reference(first).dim() < 2
+
     def merge_blocks(self, read: BlockReader, blocks: Sequence[tuple[int, int]]) -> Iterator[torch.Tensor]:
         """The merged row blocks of one tensor, in order, from `read(start, stop)` over `blocks`
         (consecutive, from row 0 to the last row)."""
         first = read(*blocks[0])
-        tensor = first.base if first.base is not None else first.models[0]
         rows = blocks[-1][1]
-        if tensor.dim() < 2:
+        if self.merged_whole(first):
             merged = self.merge_tensor(read(0, rows) if len(blocks) > 1 else first)
+            del first
             yield from (merged if merged.dim() == 0 else merged[a:b] for a, b in blocks)
             return
-        row_size = math.prod(tensor.shape[1:])
+        row_size = math.prod(_reference(first).shape[1:])
         plan = self.passes(first, rows * row_size, row_size)
         for pass_index in range(plan.passes):
             for index, (start, stop) in enumerate(blocks):
@@ -88,6 +96,11 @@ class StreamedMethod(MergeMethod):
             yield plan.merge(block, start * row_size)
             del block
         del first
+
+
+def _reference(inputs: TensorInputs) -> torch.Tensor:
+    """The tensor whose shape the block has: the base, else the first model."""
+    return inputs.base if inputs.base is not None else inputs.models[0]
 
 
 PIECE = 1 << 22  # entries per piece that a pass handles at once: bounds its temporaries to a few tens of MiB

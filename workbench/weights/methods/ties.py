@@ -12,13 +12,16 @@ give other numbers):
 - peft_dare_ties:   DARE's drop-and-rescale, then TIES's sign election and disjoint mean
 
 τᵢ = modelᵢ − base. As in peft, only the models that touch a tensor take part in its merge: a model
-whose tensor is the base's own adds nothing and draws no random mask. Trimming keeps exactly
-k = int(density · numel) entries; of entries tied at the threshold, the earlier ones (`trim`'s
-order; peft's topk chooses among them arbitrarily). peft_ties streams: its per-τ threshold comes
-from two passes of histograms over the row blocks (`ExactTrim`), after which the trim, the sign
-election and the mean are entry by entry, so it holds a few row blocks per model, never a whole τ.
-DARE's masks come from the tensor's generator, drawn on the CPU over the whole tensor in model order
-(peft's draws), so the DARE variants take whole tensors; a seed gives the same model on any device.
+whose tensor is the base's own adds nothing and draws no random mask (to peft_ties such a τ is all
+zeros, which never agree with an elected sign: the same numbers). Trimming keeps exactly
+k = int(density · numel) entries; of entries tied at the threshold, the earlier ones by flat index
+(`trim.Window`; peft's topk chooses among them arbitrarily).
+
+The three stream as `streaming.StreamedMethod`s. peft_ties finds each τ's exact threshold in two
+histogram passes over the row blocks (`trim.Window`), after which the trim, the sign election and
+the mean are entry by entry, so it holds a few row blocks per model, never a whole τ. DARE's masks
+come from the tensor's generator, drawn on the CPU over the whole tensor in model order (peft's
+draws), so the DARE variants merge whole tensors; a seed gives the same model on any device.
 """
 
 from __future__ import annotations
@@ -28,8 +31,9 @@ from dataclasses import dataclass
 
 import torch
 
-from workbench.weights.methods.base import WEIGHT, MergeMethod, Param, TensorInputs
-from workbench.weights.methods.trim import top_k_mask
+from workbench.weights.methods.base import WEIGHT, Param, TensorInputs
+from workbench.weights.methods.streaming import Passes, StreamedMethod, row_pieces
+from workbench.weights.methods.trim import Window
 
 DENSITY = Param("density", float, 0.5, low=0, high=1)  # the fraction of each τ kept, in (0, 1]
 SPARSIFY = ("magnitude", "random")
@@ -37,7 +41,7 @@ PEFT_REFERENCE = "peft 0.21 utils/merge_utils.py ({})"
 
 
 @dataclass(frozen=True)
-class PeftTaskArithmetic(MergeMethod):
+class PeftTaskArithmetic(StreamedMethod):
     """Sparsify each τᵢ to `density` (`magnitude`: its top entries; `random`: DARE's drop and
     rescale), then the disjoint mean of the agreeing signs (`sign_election`) or the plain weighted sum."""
 
@@ -47,7 +51,6 @@ class PeftTaskArithmetic(MergeMethod):
 
     params = (WEIGHT, DENSITY)
     base_model = "required"
-    row_blocks = False
 
     def __post_init__(self) -> None:
         if self.sparsify not in SPARSIFY:
@@ -57,42 +60,68 @@ class PeftTaskArithmetic(MergeMethod):
     def reference(self) -> str:
         return PEFT_REFERENCE.format(self.name.removeprefix("peft_"))
 
-    @property
-    def statistic_passes(self) -> int:  # type: ignore[override]
-        """peft_ties streams: two passes find each τ's exact k-th magnitude (`ExactTrim`), then
-        the merge keeps, sign-elects and averages row block by row block. DARE's masks are drawn
-        whole, model after model (peft's order), so DARE takes whole tensors."""
-        return 2 if self.sparsify == "magnitude" else 0
+    def merged_whole(self, first: TensorInputs) -> bool:
+        """DARE's masks are drawn over the whole tensor, model after model (peft's order)."""
+        return self.sparsify == "random" or super().merged_whole(first)
 
-    def gather(self, inputs: TensorInputs, state: list[ExactTrim] | None, pass_index: int) -> list[ExactTrim]:
-        trims = state if state is not None else [ExactTrim(inputs.params["density"]) for _ in inputs.models]
-        for trim, model in zip(trims, inputs.models):
-            trim.gather(magnitude_keys(model.sub_(inputs.base)), pass_index)
-        return trims
+    def passes(self, first: TensorInputs, numel: int, row_size: int) -> Passes:
+        if self.sparsify == "random":
+            return DarePasses(self.sign_election)
+        density = first.params["density"]
+        keep = numel if density >= 1 else int(density * numel)
+        trims = [None if keep >= numel else Window(numel, 0, keep, first.base.device) for _ in first.models]
+        return PeftTiesPasses(trims)
 
-    def settle(self, state: list[ExactTrim], pass_index: int) -> list[ExactTrim]:
-        for trim in state:
-            trim.settle(pass_index)
-        return state
 
-    def merge_tensor(self, inputs: TensorInputs) -> torch.Tensor:
-        base, density = inputs.base, inputs.params["density"]
-        if inputs.state is not None:  # streamed peft_ties: the thresholds are known
-            tasks = [model.sub_(base) for model in inputs.models]
-            pruned = [trim.apply(task) for trim, task in zip(inputs.state, tasks)]
-            weights = [p["weight"] for p in inputs.model_params]
-            return disjoint_mean(pruned, weights).add_(base)
-        touching = [i for i, model in enumerate(inputs.models) if not torch.equal(model, base)]
+class PeftTiesPasses(Passes):
+    """One tensor of peft_ties: each τ's top-k window over two histogram passes (None: nothing
+    trimmed), then per block the trimmed τs' disjoint mean, plus the base."""
+
+    def __init__(self, trims: list[Window | None]):
+        self.trims = trims
+        self.passes = max((t.passes for t in trims if t is not None), default=0)
+
+    def observe(self, pass_index: int, block: TensorInputs, offset: int) -> None:
+        for model, trim in zip(block.models, self.trims):
+            if trim is not None and pass_index < trim.passes:
+                for _, (rows, base) in row_pieces(offset, model, block.base):
+                    trim.observe(pass_index, (rows - base).abs_())
+
+    def finish(self, pass_index: int) -> None:
+        for trim in self.trims:
+            if trim is not None and pass_index < trim.passes:
+                trim.finish(pass_index)
+
+    def merge(self, block: TensorInputs, offset: int) -> torch.Tensor:
+        base = block.base
+        tasks = []
+        for model, trim in zip(block.models, self.trims):
+            task = model.sub_(base)
+            if trim is not None:
+                for _, (rows,) in row_pieces(offset, task):  # in flat order, as `Window.mask` counts ties
+                    rows.masked_fill_(~trim.mask(rows.abs()), 0.0)
+            tasks.append(task)
+        if not tasks:
+            return base.clone()
+        return disjoint_mean(tasks, [p["weight"] for p in block.model_params]).add_(base)
+
+
+class DarePasses(Passes):
+    """One whole tensor of peft_dare_*: the touching models' τs dropped and rescaled, then their
+    disjoint mean (`sign_election`) or weighted sum, plus the base."""
+
+    def __init__(self, sign_election: bool):
+        self.sign_election = sign_election
+
+    def merge(self, block: TensorInputs, offset: int) -> torch.Tensor:
+        base, density = block.base, block.params["density"]
+        touching = [i for i, model in enumerate(block.models) if not torch.equal(model, base)]
         if not touching:
             return base.clone()
-        tasks = [inputs.models[i].sub_(base) for i in touching]
-        weights = [inputs.model_params[i]["weight"] for i in touching]
-        if self.sparsify == "magnitude":
-            pruned = [magnitude_prune(task, density) for task in tasks]
-        else:
-            if inputs.generator is None:
-                raise ValueError("random sparsification (DARE) needs a seeded generator")
-            pruned = [random_prune(task, density, inputs.generator) for task in tasks]
+        if block.generator is None:
+            raise ValueError("random sparsification (DARE) needs a seeded generator")
+        pruned = [random_prune(block.models[i].sub_(base), density, block.generator) for i in touching]
+        weights = [block.model_params[i]["weight"] for i in touching]
         merged = disjoint_mean(pruned, weights) if self.sign_election else weighted_sum(pruned, weights)
         return merged.add_(base)
 
@@ -103,90 +132,6 @@ def weighted_sum(tasks: Sequence[torch.Tensor], weights: Sequence[float]) -> tor
     for task, weight in zip(tasks, weights):
         merged.add_(task, alpha=weight)
     return merged
-
-
-def magnitude_prune(tensor: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep exactly the k = int(density * numel) largest-magnitude entries, zero the rest, in place
-    (`trim.top_k_mask`: of entries tied at the k-th magnitude, the earlier ones)."""
-    if density >= 1:
-        return tensor
-    keep = int(density * tensor.numel())
-    if keep == 0:
-        return tensor.zero_()
-    return tensor.masked_fill_(~top_k_mask(tensor.abs(), keep), 0.0)
-
-
-def magnitude_keys(tensor: torch.Tensor) -> torch.Tensor:
-    """|tensor| as int64 keys whose order is the magnitudes' order: the float32 bit patterns of
-    non-negative floats (-0.0 becomes +0.0) order as integers, in [0, 2**31)."""
-    return tensor.abs().view(torch.int32).to(torch.int64)
-
-
-@dataclass
-class ExactTrim:
-    """One τ's top-k selection (k = int(density · numel)), found over row blocks: pass 0 counts
-    the high 16 bits of every magnitude key, which gives the bucket of the k-th largest; pass 1
-    counts the low 16 bits inside that bucket, which gives the k-th key itself. The merge then keeps
-    every entry above it and, of the entries equal to it, the first ones in row order up to k in
-    all: what `magnitude_prune` keeps on the whole tensor, holding two histograms instead."""
-
-    density: float
-    numel: int = 0
-    keep: int = 0
-    high: torch.Tensor | None = None
-    bucket: int = 0
-    rank: int = 0  # the k-th's rank (from the top, 1-based) inside its bucket
-    low: torch.Tensor | None = None
-    threshold: int = 0
-    room: int = 0  # how many entries equal to the threshold are kept
-    seen: int = 0  # entries equal to the threshold met so far by `apply`
-
-    def gather(self, keys: torch.Tensor, pass_index: int) -> None:
-        flat = keys.reshape(-1)
-        if pass_index == 0:
-            self.numel += flat.numel()
-            counts = torch.bincount(flat >> 16, minlength=1 << 15).cpu()
-            self.high = counts if self.high is None else self.high + counts
-        elif self.trims():
-            inside = flat[(flat >> 16) == self.bucket] & 0xFFFF
-            counts = torch.bincount(inside, minlength=1 << 16).cpu()
-            self.low = counts if self.low is None else self.low + counts
-
-    def settle(self, pass_index: int) -> None:
-        if pass_index == 0:
-            self.keep = int(self.density * self.numel) if self.density < 1 else self.numel
-            if self.trims():
-                index, before = _from_top(self.high, self.keep)
-                self.bucket, self.rank = self.high.numel() - 1 - index, self.keep - before
-        elif self.trims():
-            index, before = _from_top(self.low, self.rank)
-            self.threshold = self.bucket << 16 | (self.low.numel() - 1 - index)
-            self.room = self.rank - before
-
-    def trims(self) -> bool:
-        """Whether some but not all entries are kept."""
-        return 0 < self.keep < self.numel
-
-    def apply(self, task: torch.Tensor) -> torch.Tensor:
-        """These rows of τ with the entries outside the top k zeroed, in place (rows in order)."""
-        if self.keep >= self.numel:
-            return task
-        if self.keep == 0:
-            return task.zero_()
-        keys = magnitude_keys(task).reshape(-1)
-        kept = keys > self.threshold
-        tied = keys == self.threshold
-        ordinal = tied.cumsum(0) + self.seen
-        kept |= tied & (ordinal <= self.room)
-        self.seen = int(ordinal[-1]) if ordinal.numel() else self.seen
-        return task.masked_fill_(~kept.reshape(task.shape), 0.0)
-
-
-def _from_top(histogram: torch.Tensor, k: int) -> tuple[int, int]:
-    """(index from the top of the bucket holding the k-th largest, how many lie in the buckets above)."""
-    from_top = histogram.flip(0).cumsum(0)
-    index = int(torch.searchsorted(from_top, torch.tensor([k])).item())
-    return index, int(from_top[index - 1]) if index else 0
 
 
 def random_prune(tensor: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:
