@@ -178,6 +178,30 @@ class FileHasher:
         self._digests[algo] = hasher.hexdigest()
 
 
+
+def check_against_list(checksum_list: tuple[str, dict[str, str]], hashed: dict[str, dict], folder: Path,
+                       failures: list[str]) -> dict:
+    """Compare a written folder's files with an md5sum/sha256sum list (`parse_checksum_file`'s, so
+    its names already stay inside the folder): the hashes a pass computed while writing (`hashed`:
+    {name: {algo: hex}}) where it has them, else the file hashed here. Appends one line per failure;
+    returns {"algo", "files": {name: "ok" | "mismatch" | "missing"}}."""
+    algo, expected = checksum_list
+    states: dict[str, str] = {}
+    for name, digest in expected.items():
+        path = folder / name
+        if name in hashed:
+            found = str(hashed[name][algo])
+        elif path.is_file():
+            found = hash_file(path, (algo,))[algo]
+        else:
+            states[name] = "missing"
+            failures.append(f"{name}: missing from OUT")
+            continue
+        states[name] = "ok" if found == digest else "mismatch"
+        if found != digest:
+            failures.append(f"{name}: {algo} mismatch (expected {digest}, found {found})")
+    return {"algo": algo, "files": states}
+
 def _map_read_only(path: Path) -> mmap.mmap:
     with open(path, "rb") as handle:
         return mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ)

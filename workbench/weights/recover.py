@@ -29,7 +29,7 @@ from workbench import provenance
 from workbench.dtypes import parse_dtype, resolve_device
 from workbench.errors import CheckFailed, WorkbenchError
 from workbench.io.blocks import row_blocks
-from workbench.io.hashing import hash_file, parse_checksum_file, sha256_file
+from workbench.io.hashing import check_against_list, parse_checksum_file, sha256_file
 from workbench.io.jsonfile import parse_json
 from workbench.io.reader import Checkpoint, open_checkpoint
 from workbench.io.weightsum import float64_sum, gains_non_finite
@@ -222,7 +222,7 @@ def recover(
                 f"weight-sum {report.weight_sum:.6f} differs from the expected {expect_sum:.6f} "
                 f"by {report.weight_sum - expect_sum:+.6g} (atol {atol:g})"
             )
-        checked = _check_list(checksum_list, report, tmp, failures) if checksum_list else None
+        checked = check_against_list(checksum_list, report.files, tmp, failures) if checksum_list else None
         if failures:
             raise CheckFailed(failures, out)
         exact_checked = any(j.tuned_sha256 for j in plan.jobs.values())
@@ -499,24 +499,3 @@ def _byte_failures(plan: _Plan, report: WriteReport) -> list[str]:
         if (found["size"], found["md5"], found["sha256"]) != (recorded["size"], recorded["md5"], recorded["sha256"]):
             failures.append(f"{name}: not byte-identical to TUNED's (md5 expected {recorded['md5']}, found {found['md5']})")
     return failures
-
-
-def _check_list(checksum_list: tuple[str, dict[str, str]], report: WriteReport, folder: Path,
-                failures: list[str]) -> dict:
-    """Compare OUT's files (weight files from the writer's hashes, others hashed here) with a list."""
-    algo, expected = checksum_list
-    states: dict[str, str] = {}
-    for name, digest in expected.items():  # names were checked to stay inside the folder by the parser
-        path = folder / name
-        if name in report.files:
-            found = str(report.files[name][algo])
-        elif path.is_file():
-            found = hash_file(path, (algo,))[algo]
-        else:
-            states[name] = "missing"
-            failures.append(f"{name}: missing from OUT")
-            continue
-        states[name] = "ok" if found == digest else "mismatch"
-        if found != digest:
-            failures.append(f"{name}: {algo} mismatch (expected {digest}, found {found})")
-    return {"algo": algo, "files": states}

@@ -42,7 +42,7 @@ import numpy
 
 from workbench import __version__, provenance
 from workbench.errors import CheckFailed, WorkbenchError
-from workbench.io.hashing import format_lines, hash_file, parse_checksum_file, sha256_file
+from workbench.io.hashing import check_against_list, format_lines, hash_file, parse_checksum_file, sha256_file
 from workbench.io.jsonfile import read_json
 from workbench.io.layout import WEIGHT_SUFFIXES
 from workbench.io.paths import check_member_name, safe_join
@@ -608,7 +608,7 @@ def recover_xor(
         checked = None
         if extra is not None:
             failures: list[str] = []
-            checked = _check_list(extra, files, tmp, failures)
+            checked = check_against_list(extra, files, tmp, failures)
             if failures:
                 raise CheckFailed(failures, out)
         record = None if RECORD_FILE in files else RECORD_FILE
@@ -800,26 +800,6 @@ def _decode_task(release: _Release, base: Path, entry: _Entry, tmp: Path, algos:
         return done
 
     return task
-
-
-def _check_list(checksum_list: tuple[str, dict[str, str]], files: dict[str, dict], folder: Path,
-                failures: list[str]) -> dict:
-    """Compare OUT's files with an md5sum/sha256sum list (hashes from the pass; names checked by the parser)."""
-    algo, expected = checksum_list
-    states: dict[str, str] = {}
-    for name, digest in expected.items():
-        if name in files:
-            found = files[name][algo]
-        elif (folder / name).is_file():
-            found = hash_file(folder / name, (algo,))[algo]
-        else:
-            states[name] = "missing"
-            failures.append(f"{name}: missing from OUT")
-            continue
-        states[name] = "ok" if found == digest else "mismatch"
-        if found != digest:
-            failures.append(f"{name}: {algo} mismatch (expected {digest}, found {found})")
-    return {"algo": algo, "files": states}
 
 
 def _record(result: XorRecoverResult, release: _Release, base: Path, diff: Path, checksums: str | Path | None,
