@@ -104,6 +104,21 @@ def release(pairs, tmp_path_factory):
     return out
 
 
+@pytest.mark.skipif(shutil.which("md5sum") is None, reason="coreutils md5sum is not installed")
+def test_the_lists_are_what_md5sum_checks(pairs, release):
+    """The peer for the lists is coreutils: `md5sum -c base.md5` passes inside RAW and
+    `md5sum -c result.md5` inside TUNED, file for file."""
+    import subprocess
+
+    raw, tuned = pairs["safetensors-sharded"]
+    for folder, listed in ((raw, "base.md5"), (tuned, "result.md5")):
+        checked = subprocess.run(["md5sum", "-c", "--strict", str(release / listed)], cwd=folder,
+                                 capture_output=True, text=True)
+        assert checked.returncode == 0, checked.stdout + checked.stderr
+        lines = [line for line in checked.stdout.splitlines() if line.endswith(": OK")]
+        assert len(lines) == len((release / listed).read_text().splitlines())
+
+
 # -- round trips ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("layout", ["safetensors-sharded", "bin"])
 def test_round_trip_through_the_cli(pairs, tmp_path, layout):
