@@ -191,6 +191,21 @@ def test_stream_hasher_gives_hashlibs_digests():
     assert hasher.hexdigests() == {"md5": hashlib.md5(joined).hexdigest(), "sha256": hashlib.sha256(joined).hexdigest()}
 
 
+def test_stream_hasher_reports_a_buffer_free_once_every_algorithm_has_hashed_it():
+    """A caller that refills one buffer after `hashed()` gets the digests of what it wrote."""
+    hasher = StreamHasher(("md5", "sha256"))
+    buffer, free, parts = bytearray(4096), threading.Semaphore(0), []
+    for k in range(30):
+        part = random.Random(k).randbytes(len(buffer))
+        buffer[:] = part
+        parts.append(part)
+        hasher.update(memoryview(buffer), free.release)
+        assert free.acquire(timeout=10)  # both algorithms are done with it: it may be refilled
+    assert not free.acquire(blocking=False)  # one call per update, not one per algorithm
+    joined = b"".join(parts)
+    assert hasher.hexdigests() == {"md5": hashlib.md5(joined).hexdigest(), "sha256": hashlib.sha256(joined).hexdigest()}
+
+
 @pytest.mark.skipif(not Path("/proc/self/io").exists(), reason="needs Linux's /proc/self/io")
 def test_the_inputs_are_not_read_again_to_hash_them(tmp_path):
     """The bytes `wb diff` reads with read() calls (rchar) are far fewer than its inputs hold: the

@@ -430,7 +430,7 @@ def recover_command(ctx, base, diff_path, out, diff_format, dtype, expect_sum, a
         return
     from workbench.weights.recover import recover
 
-    emit(recover(base, diff_path, out, diff_format=diff_format, dtype=dtype, expect_sum=expect_sum, atol=atol,
+    emit(recover(base, diff_path, out, dtype=dtype, expect_sum=expect_sum, atol=atol,
                  checksums=checksums, device=device, max_shard_size=shard_size, force=force), as_json)
 
 

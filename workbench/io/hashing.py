@@ -8,7 +8,7 @@ import mmap
 import queue
 import re
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -76,18 +76,23 @@ class StreamHasher:
 
     def __init__(self, algos: Iterable[str]):
         self.hashers = {algo: hashlib.new(algo) for algo in algos}
-        self._queues: list[queue.Queue[bytes | memoryview | None]] = []
+        self._queues: list[queue.Queue[tuple[bytes | memoryview, _Countdown | None] | None]] = []
         self._threads = []
         for hasher in self.hashers.values():
-            pending: queue.Queue[bytes | memoryview | None] = queue.Queue(maxsize=8)
+            pending: queue.Queue[tuple[bytes | memoryview, _Countdown | None] | None] = queue.Queue(maxsize=8)
             self._queues.append(pending)
             self._threads.append(threading.Thread(target=self._run, args=(hasher, pending), daemon=True))
         for thread in self._threads:
             thread.start()
 
-    def update(self, data: bytes | memoryview) -> None:
+    def update(self, data: bytes | memoryview, hashed: Callable[[], None] | None = None) -> None:
+        """Queue `data` for every algorithm. `hashed()`, if given, runs once all of them have hashed
+        it: a caller that reuses its buffers (`wb diff --format xor`) may then refill this one."""
+        countdown = _Countdown(len(self._queues), hashed) if hashed is not None else None
+        if countdown is not None and not self._queues:
+            hashed()
         for pending in self._queues:
-            pending.put(data)
+            pending.put((data, countdown))
 
     def hexdigests(self) -> dict[str, str]:
         for pending in self._queues:
@@ -98,8 +103,27 @@ class StreamHasher:
 
     @staticmethod
     def _run(hasher, pending: queue.Queue) -> None:
-        while (data := pending.get()) is not None:
+        while (item := pending.get()) is not None:
+            data, countdown = item
             hasher.update(data)
+            if countdown is not None:
+                countdown.tick()
+
+
+class _Countdown:
+    """Runs `then()` on the `count`-th tick, from whichever thread ticks last."""
+
+    def __init__(self, count: int, then: Callable[[], None]):
+        self._left = count
+        self._then = then
+        self._lock = threading.Lock()
+
+    def tick(self) -> None:
+        with self._lock:
+            self._left -= 1
+            last = self._left == 0
+        if last:
+            self._then()
 
 
 class FileHasher:
@@ -178,7 +202,6 @@ class FileHasher:
         self._digests[algo] = hasher.hexdigest()
 
 
-
 def check_against_list(checksum_list: tuple[str, dict[str, str]], hashed: dict[str, dict], folder: Path,
                        failures: list[str]) -> dict:
     """Compare a written folder's files with an md5sum/sha256sum list (`parse_checksum_file`'s, so
@@ -201,6 +224,7 @@ def check_against_list(checksum_list: tuple[str, dict[str, str]], hashed: dict[s
         if found != digest:
             failures.append(f"{name}: {algo} mismatch (expected {digest}, found {found})")
     return {"algo": algo, "files": states}
+
 
 def _map_read_only(path: Path) -> mmap.mmap:
     with open(path, "rb") as handle:

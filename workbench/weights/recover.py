@@ -171,7 +171,6 @@ def recover(
     diff: str | Path,
     out: str | Path,
     *,
-    diff_format: str = "auto",
     dtype: str | None = None,
     expect_sum: float | None = None,
     atol: float = 1e-2,
@@ -183,15 +182,9 @@ def recover(
 ) -> RecoverResult:
     """Rebuild TUNED from RAW and DIFF into `out`; every check passes before `out` appears.
 
-    `diff_format`: "auto" (an XOR release when `xor_release.is_xor_release` says so, else a float
-    diff), "float" or "xor". `command`: the command line recover.json records (None: this
-    process's, `provenance.command_line`)."""
-    if diff_format not in ("auto", "float", "xor"):
-        raise WorkbenchError(f"unknown diff format {diff_format!r}; use auto, float or xor")
-    if diff_format == "xor" or (diff_format == "auto" and _is_xor(Path(diff))):
-        from workbench.weights.xor_release import recover_xor
-
-        return recover_xor(base, diff, out, checksums=checksums, force=force, command=command)
+    A float diff only: an XOR release is `xor_release.recover_xor`'s (`wb recover` chooses between
+    them). `command`: the command line recover.json records (None: this process's,
+    `provenance.command_line`)."""
     out, base, diff = Path(out), Path(base), Path(diff)
     out_dtype = parse_dtype(dtype)
     torch_device = resolve_device(device)
@@ -249,12 +242,6 @@ def recover(
         record = _record(result, report, inputs, settings, command)
         (tmp / RECORD_FILE).write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return result
-
-
-def _is_xor(diff: Path) -> bool:
-    from workbench.weights.xor_release import is_xor_release
-
-    return is_xor_release(diff)
 
 
 def _inputs(raw: Checkpoint, delta: Checkpoint, base: Path, diff: Path, meta_sha256: str | None,

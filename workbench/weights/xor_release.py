@@ -25,13 +25,12 @@ from __future__ import annotations
 
 import contextlib
 import gzip
-import hashlib
 import json
 import os
 import queue
 import threading
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_all
 from dataclasses import dataclass, field
@@ -42,7 +41,14 @@ import numpy
 
 from workbench import __version__, provenance
 from workbench.errors import CheckFailed, WorkbenchError
-from workbench.io.hashing import check_against_list, format_lines, hash_file, parse_checksum_file, sha256_file
+from workbench.io.hashing import (
+    StreamHasher,
+    check_against_list,
+    format_lines,
+    hash_file,
+    parse_checksum_file,
+    sha256_file,
+)
 from workbench.io.jsonfile import read_json
 from workbench.io.layout import WEIGHT_SUFFIXES
 from workbench.io.paths import check_member_name, safe_join
@@ -206,7 +212,8 @@ class _Done:
 
 
 class _Slot:
-    """Three chunk buffers, handed back to the free queue when every hasher is done with them."""
+    """Three chunk buffers, handed back to the free queue when every `StreamHasher` fed from them
+    has hashed them (`hand_out(users)`, then one `release` per user)."""
 
     def __init__(self, free: queue.Queue):
         self.side, self.base, self.out = bytearray(CHUNK_BYTES), bytearray(CHUNK_BYTES), bytearray(CHUNK_BYTES)
@@ -216,8 +223,6 @@ class _Slot:
 
     def hand_out(self, users: int) -> None:
         self._pending = users
-        if users == 0:
-            self._free.put(self)
 
     def release(self) -> None:
         with self._lock:
@@ -225,31 +230,6 @@ class _Slot:
             done = self._pending == 0
         if done:
             self._free.put(self)
-
-
-class _HashThread:
-    """Hashes the views it is fed, in order, on its own thread (hashlib releases the GIL)."""
-
-    def __init__(self, algos: Iterable[str]):
-        self.hashers = {algo: hashlib.new(algo) for algo in algos}
-        self._queue: queue.Queue = queue.Queue()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def feed(self, view: memoryview, slot: _Slot) -> None:
-        self._queue.put((view, slot))
-
-    def close(self) -> dict[str, str]:
-        self._queue.put(None)
-        self._thread.join()
-        return {algo: hasher.hexdigest() for algo, hasher in self.hashers.items()}
-
-    def _run(self) -> None:
-        while (item := self._queue.get()) is not None:
-            view, slot = item
-            for hasher in self.hashers.values():
-                hasher.update(view)
-            slot.release()
 
 
 _LOCAL = threading.local()
@@ -269,8 +249,8 @@ def _thread_slots() -> queue.Queue:
 
 def _run_pass(job: _Pass, stop: threading.Event, advance: Callable[[int], None]) -> _Done:
     free = _thread_slots()
-    plain_hash = _HashThread(job.plain_algos)
-    base_hash = _HashThread([job.base_algo])
+    plain_hash = StreamHasher(job.plain_algos)
+    base_hash = StreamHasher([job.base_algo])
     try:
         with contextlib.ExitStack() as stack:
             side = _open_side(job, stack)
@@ -294,21 +274,21 @@ def _run_pass(job: _Pass, stop: threading.Event, advance: Callable[[int], None])
                 _xor_into(slot, count, matched)
                 out = memoryview(slot.out)[:count]
                 slot.hand_out(1 + (matched > 0))
-                plain_hash.feed(out if job.plain_is_output else memoryview(slot.side)[:count], slot)
+                plain_hash.update(out if job.plain_is_output else memoryview(slot.side)[:count], slot.release)
                 if matched:
-                    base_hash.feed(memoryview(slot.base)[:matched], slot)
+                    base_hash.update(memoryview(slot.base)[:matched], slot.release)
                 writer.write(out)
                 advance(count + matched)
             if base is not None:
                 base_bytes += _hash_rest(base, free, base_hash, stop, advance)
             writer.close()
     finally:
-        plain, base_digest = plain_hash.close(), base_hash.close()
+        plain, base_digest = plain_hash.hexdigests(), base_hash.hexdigests()
     return _Done(side_bytes, base_bytes, job.read_gzip or job.write_gzip, plain,
                  base_digest[job.base_algo] if job.base is not None else None)
 
 
-def _hash_rest(base: IO[bytes], free: queue.Queue, base_hash: _HashThread, stop: threading.Event,
+def _hash_rest(base: IO[bytes], free: queue.Queue, base_hash: StreamHasher, stop: threading.Event,
                advance: Callable[[int], None]) -> int:
     """Hash the rest of a base longer than the file it was XORed with: its list entry covers it whole."""
     total = 0
@@ -322,7 +302,7 @@ def _hash_rest(base: IO[bytes], free: queue.Queue, base_hash: _HashThread, stop:
             return total
         total += count
         slot.hand_out(1)
-        base_hash.feed(memoryview(slot.base)[:count], slot)
+        base_hash.update(memoryview(slot.base)[:count], slot.release)
         advance(count)
 
 
@@ -416,24 +396,6 @@ def _run_all(tasks: list[Callable[[threading.Event], object]], jobs: int) -> lis
     return [future.result() for future in futures]
 
 
-class _Progress:
-    """One byte-counting bar shared by the worker threads."""
-
-    def __init__(self, total: int, description: str):
-        self.bar = progress_bar(total, description)
-        self.lock = threading.Lock()
-
-    def advance(self, count: int) -> None:
-        with self.lock:
-            self.bar.update(count)
-
-    def __enter__(self) -> _Progress:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.bar.close()
-
-
 def _jobs() -> int:
     return max(1, min(MAX_JOBS, (os.cpu_count() or 1) // 2))
 
@@ -476,8 +438,8 @@ def make_xor_release(
         raise WorkbenchError("RAW has none of TUNED's files: there is nothing to XOR against", base)
     with atomic_dir(out, force, inputs=[base, tuned]) as tmp:
         total = sum((tuned / n).stat().st_size + (b.stat().st_size if b else 0) for n, b in bases.items())
-        with _Progress(total, "xor encode") as progress:
-            tasks = [_encode_task(name, tuned / name, bases[name], tmp / name, compress, progress.advance)
+        with progress_bar(total, "xor encode") as bar:
+            tasks = [_encode_task(name, tuned / name, bases[name], tmp / name, compress, bar.update)
                      for name in names]
             done: list[_Done] = _run_all(tasks, _jobs())
         files = {
@@ -596,10 +558,10 @@ def recover_xor(
     with atomic_dir(out, force, inputs=[base, diff, checksums]) as tmp:
         total = sum(_expected_bytes(release, base, e) for e in release.entries) + \
             sum((base / name).stat().st_size for name in release.base_only)
-        with _Progress(total, "xor decode") as progress:
-            tasks = [_base_only_task(release, base, name, digest, progress.advance)
+        with progress_bar(total, "xor decode") as bar:
+            tasks = [_base_only_task(release, base, name, digest, bar.update)
                      for name, digest in release.base_only.items()]
-            tasks += [_decode_task(release, base, entry, tmp, algos, progress.advance) for entry in release.entries]
+            tasks += [_decode_task(release, base, entry, tmp, algos, bar.update) for entry in release.entries]
             done = _run_all(tasks, _jobs())[len(release.base_only):]
         files = {
             entry.name: {"size": d.side_bytes, **d.plain, "gzip": d.gzip, "xor": d.base is not None}
@@ -716,11 +678,12 @@ def _checked_file_entry(entry: object, name: str, path: Path) -> dict:
 def _check_payload_file(entry: _Entry, diff: Path, meta_path: Path) -> None:
     """What can be told of a payload file without decoding it: its size and gzip's magic bytes."""
     payload = diff / entry.name
-    if entry.payload_size is not None and payload.stat().st_size != entry.payload_size:
-        raise WorkbenchError(f"payload {entry.name} has {payload.stat().st_size:,} bytes, {META_FILE} records "
+    size = payload.stat().st_size
+    if entry.payload_size is not None and size != entry.payload_size:
+        raise WorkbenchError(f"payload {entry.name} has {size:,} bytes, {META_FILE} records "
                              f"{entry.payload_size:,}: the download is incomplete or damaged", payload)
     if entry.gzip is not None and _is_gzip(payload) != entry.gzip:
-        found = "is" if _is_gzip(payload) else "is not"
+        found = "is not" if entry.gzip else "is"
         raise WorkbenchError(f"payload {entry.name} {found} gzip (by its first bytes), {META_FILE} records the "
                              "opposite: the release is damaged", payload)
 
