@@ -7,7 +7,7 @@ no tensor is ever read), so a check of a 70B pair takes as long as one of a tiny
 
 Each comparison is a `Finding`: what was compared, FIRST's and SECOND's values, what wb will do
 (`ok`, `warn`, `resize` with Alpaca's rule, `refuse`) and why. The tensor checks are the very
-functions the commands run (`check_same_names`, `resized_rows`, `LoraAdapter.bind`, `check_same_tensors`),
+functions the commands run (`check_same_names`, `resized_rows`, `LoraAdapter.bind`, `read_float_model_config`),
 so a refusal here is the refusal the command would make, with the same message, only earlier.
 
 Two ways in:
@@ -47,10 +47,12 @@ from workbench.outputs import Note
 from workbench.weights.adapters.lora import (
     ADAPTER_CONFIG,
     check_numbers,
+    is_lora_adapter,
     read_adapter_config,
     read_lora_adapter,
     refuse_unmergeable,
 )
+from workbench.weights.recover import THE_BASE  # recover's words for a wb diff's recorded base
 from workbench.weights.weight_diff import (
     META_FILE,
     RESIZE_RULE,
@@ -65,7 +67,6 @@ from workbench.weights.weight_diff import (
 ACTIONS = ("ok", "warn", "resize", "refuse")  # in rising severity
 PURPOSES = ("compat", "diff", "recover", "merge", "eval")
 RESIZE_WORDS = {"mean": "new rows = mean of the existing rows"}
-THE_BASE = "the base this diff was made from"  # recover's words for a wb diff's recorded base
 INPUT_EMBEDDINGS = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", "embed_in.weight")
 TOKENIZER_MARKERS = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 SPECIAL_TOKENS = ("bos_token", "eos_token", "pad_token", "unk_token")
@@ -265,7 +266,7 @@ class _Side:
 
 def _kind(path: Path) -> str:
     folder = path if path.is_dir() else path.parent
-    if (folder / ADAPTER_CONFIG).is_file():
+    if is_lora_adapter(folder):
         return "adapter"
     if (folder / META_FILE).is_file():
         return "wb diff"
@@ -376,8 +377,6 @@ def _tensor_findings(purpose: str, first: _Side, second: _Side, labels: tuple[st
         skipped = sorted(n for n in set(first_names) ^ set(second_names) if is_rotary_buffer(n))
         first_names = [n for n in first_names if n not in skipped]
         second_names = [n for n in second_names if n not in skipped]
-    if purpose == "merge":
-        findings += _fine_tune_bind(first, second)
     try:
         check_same_names(second_names, first_names, two, one, path)
         same = Finding("tensor names", len(first_names), len(second_names), "ok", "the same tensors on both sides")
@@ -427,17 +426,6 @@ def _one_tensor(purpose: str, name: str, first: _Side, second: _Side, labels: tu
     return [*found, Finding(f"tensor {name}", *shapes, "resize",
                             f"{one}'s {old} rows grow to {b.shape[0]} ({RESIZE_WORDS[RESIZE_RULE]}, Alpaca's rule)",
                             tensor=True)]
-
-
-def _fine_tune_bind(first: _Side, second: _Side) -> list[Finding]:
-    """wb merge's own check of a full fine-tune against the base, as the first finding when it fails."""
-    from workbench.weights.adapters.finetune import check_same_tensors
-
-    try:
-        check_same_tensors(second.checkpoint, first.checkpoint, second.path)
-    except WorkbenchError as err:
-        return [Finding("fine-tune", first.path.name, second.path.name, "refuse", err.message, err)]
-    return []
 
 
 def _config_problem_findings(first: _Side, second: _Side) -> list[Finding]:

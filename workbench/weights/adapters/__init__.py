@@ -2,5 +2,5 @@
 
 - `base`: the `MergeSource` protocol the merger applies an adapter through (`model+lora`)
 - `lora`: PEFT LoRA and DoRA folders (`LoraAdapter`), read without peft
-- `finetune`: full fine-tuned model folders: float config, same tensors as the base
+- `finetune`: full fine-tuned model folders read as float models (config.json)
 """

@@ -22,7 +22,6 @@ if TYPE_CHECKING:
     import torch
 
 
-
 @runtime_checkable
 class MergeSource(Protocol):
     """One `--adapter` of `wb merge`, bound to the base (its tensors checked against the base's)."""
