@@ -62,7 +62,7 @@ import torch
 
 from workbench.errors import WorkbenchError
 from workbench.io.blocks import row_blocks
-from workbench.io.jsonfile import read_json
+from workbench.io.jsonfile import read_model_config
 
 SOURCES = ("base", "union")
 MAX_VOCABULARY = 2**31 - 1
@@ -403,17 +403,14 @@ def _try_load(name: str, folder: Path, first: str, notes: list[str]) -> Any | No
 
 
 def config_vocab_size(folder: Path) -> int | None:
-    """config.json's vocab_size (or text_config's), checked; None when the folder has none."""
-    file = folder / "config.json"
-    if not file.is_file():
+    """config.json's vocab_size (or text_config's), checked by `read_model_config` as every model
+    config is; None when the folder has no config.json (an adapter's) or it gives no vocab_size."""
+    if not (folder / "config.json").is_file():
         return None
-    config = read_json(file, "model config")
-    for section in (config, config.get("text_config") if isinstance(config, dict) else None):
-        if isinstance(section, dict) and "vocab_size" in section:
-            size = section["vocab_size"]
-            if not isinstance(size, int) or isinstance(size, bool) or not 1 <= size <= MAX_VOCABULARY:
-                raise WorkbenchError(f"vocab_size must be a whole number from 1 to {MAX_VOCABULARY}, not {_short(size)}", file)
-            return size
+    config = read_model_config(folder, "a model's tokenizer and config.json")
+    for section in (config, config.get("text_config")):
+        if isinstance(section, dict) and section.get("vocab_size") is not None:
+            return section["vocab_size"]
     return None
 
 
