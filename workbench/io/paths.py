@@ -46,3 +46,12 @@ def _problem(name: str) -> str | None:
     if not parts or all(part == "." for part in parts):
         return "names the folder itself"
     return None
+
+
+def hub_snapshot(folder: Path) -> tuple[str, str] | None:
+    """(`org/name`, revision) for a folder `.../models--org--name/snapshots/<rev>` (huggingface_hub's
+    cache layout), else None: the name a hub-cache model goes by in configs and adapters."""
+    parts = folder.parts
+    if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
+        return parts[-3].removeprefix("models--").replace("--", "/", 1), parts[-1]
+    return None

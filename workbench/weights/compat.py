@@ -42,6 +42,7 @@ import click
 
 from workbench.errors import WorkbenchError
 from workbench.io.jsonfile import MAX_SIZE, read_json, read_model_config
+from workbench.io.paths import hub_snapshot
 from workbench.io.reader import Checkpoint, open_checkpoint
 from workbench.outputs import Note
 from workbench.weights.adapters.lora import (
@@ -694,7 +695,7 @@ def _model_names(model: _Side) -> list[str]:
     folder = model.folder
     names: list[str] = []
     for path in (Path(os.path.abspath(folder)), _resolved(folder)):
-        repo = _hub_repo(path)
+        repo = (hub_snapshot(path) or (None,))[0]
         for name in (repo, path.name):
             if name and name not in names:
                 names.append(name)
@@ -708,18 +709,10 @@ def _name_forms(name: str) -> set[str]:
     """A name as compared: whole, and its last path component, lower-cased; a hub-cache path's repo id too."""
     text = name.strip().rstrip("/\\")
     forms = {text.lower(), re.split(r"[/\\]", text)[-1].lower()}
-    repo = _hub_repo(Path(text))
+    repo = (hub_snapshot(Path(text)) or (None,))[0]
     if repo:
         forms |= {repo.lower(), repo.rsplit("/", 1)[-1].lower()}
     return {form for form in forms if form}
-
-
-def _hub_repo(path: Path) -> str | None:
-    """`org/name` for a path `.../models--org--name/snapshots/<rev>` (huggingface_hub's cache), else None."""
-    parts = path.parts
-    if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
-        return parts[-3].removeprefix("models--").replace("--", "/", 1)
-    return None
 
 
 def _target_modules_finding(purpose: str, model: _Side, adapter: _Side) -> Finding:

@@ -47,6 +47,7 @@ from workbench.dtypes import parse_dtype, resolve_device
 from workbench.errors import WorkbenchError
 from workbench.io.blocks import row_blocks
 from workbench.io.jsonfile import read_json
+from workbench.io.paths import hub_snapshot
 from workbench.io.reader import Checkpoint, open_checkpoint
 from workbench.io.safetensors_format import layout
 from workbench.io.writer import MODEL_SIDE_FILES, ShardPlan, TensorSpec, write_checkpoint
@@ -65,8 +66,6 @@ TIED_HEAD = "lm_head"  # the output head's module where a checkpoint ties it to 
 TOKENIZER_FILES = tuple(name for name in MODEL_SIDE_FILES if name not in ("config.json", "generation_config.json"))
 VERSIONED = ("torch", "safetensors")
 SCRATCH_FILE = ".lora_factors.tmp"
-_HUB_SNAPSHOT = re.compile(r"(?:^|/)models--(?P<repo>[^/]+)/snapshots/(?P<revision>[^/]+)$")
-
 LORA, EMBEDDING_LORA, WHOLE = "lora", "embedding_lora", "whole"
 
 
@@ -523,10 +522,9 @@ def base_reference(raw: Checkpoint) -> dict:
     """`base_model_name_or_path` (and `revision`): the repository id of a hub-cache snapshot
     (`models--org--name/snapshots/<rev>`), else RAW's folder as an absolute path."""
     folder = raw.root.absolute()
-    match = _HUB_SNAPSHOT.search(folder.as_posix())
-    if match:
-        return {"base_model_name_or_path": match["repo"].replace("--", "/"), "revision": match["revision"],
-                "path": str(folder)}
+    snapshot = hub_snapshot(folder)
+    if snapshot:
+        return {"base_model_name_or_path": snapshot[0], "revision": snapshot[1], "path": str(folder)}
     return {"base_model_name_or_path": str(folder), "revision": None, "path": str(folder)}
 
 

@@ -32,6 +32,7 @@ from pathlib import Path
 
 from workbench.errors import CheckFailed, WorkbenchError
 from workbench.io.jsonfile import read_model_config
+from workbench.io.paths import hub_snapshot
 from workbench.outputs import Note, atomic_file, check_can_write, check_not_input
 
 OUTTYPES = ("f32", "f16", "bf16", "q8_0")
@@ -571,10 +572,9 @@ def _add_metadata(writer, spec: Spec, model_dir: Path, file_type: int, gguf) -> 
 
 def _model_name(folder: Path) -> str:
     """The folder's name; for a hub cache snapshot, the repository's (`org/name`)."""
-    parts = folder.resolve().parts
-    if len(parts) >= 3 and parts[-2] == "snapshots" and parts[-3].startswith("models--"):
-        return parts[-3][len("models--"):].replace("--", "/")
-    return parts[-1] if parts else str(folder)
+    resolved = folder.resolve()
+    snapshot = hub_snapshot(resolved)
+    return snapshot[0] if snapshot else (resolved.name or str(folder))
 
 
 # ----- the tensors ---------------------------------------------------------------------------
