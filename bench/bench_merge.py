@@ -230,7 +230,7 @@ def run_recipes(work: Path, base: Path) -> dict:
 
 def io_floor(models: list[Path], scratch: Path) -> float:
     """Seconds to read every weight byte of `models` once (16 MiB reads) and write as many bytes as
-    one model's weights once (the merged output), fsynced like the merges' outputs are closed."""
+    one model's weights once (the merged output), unbuffered and not fsynced (nor are the merges' outputs)."""
     started = time.perf_counter()
     out_bytes = 0
     for k, model in enumerate(models):

@@ -21,7 +21,7 @@ plan.py, common.py):
   `*` or a substring of the tensor's name (an empty or unmatched one gives nothing, and the next
   source is asked). t is a layer's position in its slice, i/(n−1) (1 for a one-layer slice), and 0
   for tensors outside the layers.
-- precedence (`Recipe.setting_sources`): a model's own `parameters`, then its slice's, then the
+- precedence (merge.py's `_Planner`): a model's own `parameters`, then its slice's, then the
   recipe's; a global (not per-model) parameter skips the first.
 """
 
@@ -47,7 +47,6 @@ NOT_DONE = {
 }
 DTYPES = ("float32", "float16", "bfloat16")
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")
-Scalar = bool | int | float | str
 
 
 @dataclass(frozen=True)

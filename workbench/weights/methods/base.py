@@ -37,6 +37,7 @@ from __future__ import annotations
 import hashlib
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -106,6 +107,14 @@ def tensor_seed(seed: int, name: str) -> int:
 def take_rows(tensor: torch.Tensor, start: int, stop: int) -> torch.Tensor:
     """Rows [start, stop) of `tensor` (a scalar is its own one row)."""
     return tensor if tensor.dim() == 0 else tensor[start:stop]
+
+
+def weighted_sum(tensors: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
+    """Σ wᵢ·xᵢ, a new tensor (of the first's dtype and device)."""
+    total = torch.zeros_like(tensors[0])
+    for tensor, weight in zip(tensors, weights):
+        total.add_(tensor, alpha=weight)
+    return total
 
 
 @dataclass

@@ -28,7 +28,7 @@ import math
 import torch
 
 from workbench.errors import WorkbenchError
-from workbench.weights.methods.base import WEIGHT, MergeMethod, Param, TensorInputs
+from workbench.weights.methods.base import WEIGHT, MergeMethod, Param, TensorInputs, weighted_sum
 from workbench.weights.methods.streaming import Gram, Passes, StreamedMethod, row_pieces
 
 MERGEKIT = "mergekit 0.1.5"
@@ -246,10 +246,7 @@ class MultiSlerpPasses(Passes):
     def merge(self, block: TensorInputs, offset: int) -> torch.Tensor:
         if len(block.models) == 1:
             return block.models[0]
-        tasks = self.tasks(block)
-        merged = torch.zeros_like(tasks[0])
-        for task, coefficient in zip(tasks, self.coefficients.tolist()):
-            merged.add_(task, alpha=coefficient)
+        merged = weighted_sum(self.tasks(block), self.coefficients.tolist())
         return merged if block.base is None else merged.add_(block.base)
 
 
@@ -285,10 +282,7 @@ class KarcherPasses(Passes):
         self.coefficients = karcher_coefficients(self.gram.matrix, self.max_iter, self.tol)
 
     def merge(self, block: TensorInputs, offset: int) -> torch.Tensor:
-        merged = torch.zeros_like(block.models[0])
-        for tensor, coefficient in zip(block.models, self.coefficients.tolist()):
-            merged.add_(tensor, alpha=coefficient)
-        return merged
+        return weighted_sum(block.models, self.coefficients.tolist())
 
 
 def karcher_coefficients(gram: torch.Tensor, max_iter: int, tol: float) -> torch.Tensor:

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 
 from workbench.errors import WorkbenchError
-from workbench.weights.methods.base import WEIGHT, MergeMethod, Param, TensorInputs
+from workbench.weights.methods.base import WEIGHT, MergeMethod, Param, TensorInputs, weighted_sum
 from workbench.weights.methods.streaming import FlatUniform, Passes, StreamedMethod, row_pieces, stream_key
 from workbench.weights.methods.trim import Window, ranks_along, top_k_mask
 
@@ -52,14 +52,6 @@ GAMMA = Param("gamma", float, 0.01, low=0, high=1, low_inclusive=True, per_model
 EPSILON = Param("epsilon", float, 0.15, low=0, high=0.5, low_inclusive=True, high_inclusive=False,
                 per_model=True)
 RESCALE_EPS = 1e-7  # mergekit's rescaled_masked_tensor: below this either norm, no rescale
-
-
-def weighted_sum(tensors: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
-    """Σ wᵢ·xᵢ, a new float32 tensor."""
-    total = torch.zeros_like(tensors[0])
-    for tensor, weight in zip(tensors, weights):
-        total.add_(tensor, alpha=weight)
-    return total
 
 
 class Sparsifier:
@@ -231,12 +223,12 @@ class TaskVectorMerge(StreamedMethod):
         return Della(density, epsilon, stream, rescale)
 
 
-class TaskVectorPasses(Passes):
-    """One tensor of a `TaskVectorMerge`: its models' sparsifiers' passes, then per block
-    base + λ·Σ(kept wᵢ·τᵢ)/divisor."""
+class SparsifiedPasses(Passes):
+    """One tensor's τᵢ = modelᵢ − base, each sparsified by its model's `Sparsifier`: their passes
+    (the most any of them needs), then `sparsified(block)` in each merge; subclasses combine them."""
 
-    def __init__(self, method: TaskVectorMerge, sparsifiers: list[Sparsifier]):
-        self.method, self.sparsifiers = method, sparsifiers
+    def __init__(self, sparsifiers: list[Sparsifier]):
+        self.sparsifiers = sparsifiers
         self.passes = max((s.passes for s in sparsifiers), default=0)
 
     def observe(self, pass_index: int, block: TensorInputs, offset: int) -> None:
@@ -250,17 +242,32 @@ class TaskVectorPasses(Passes):
             if pass_index < sparsifier.passes:
                 sparsifier.finish(pass_index)
 
+    def sparsified(self, block: TensorInputs, offset: int) -> list[torch.Tensor]:
+        """This block's sparsified τs, in place of the models' rows (in flat order, as the
+        trims' `Window.mask` counts ties)."""
+        tasks = []
+        for model, sparsifier in zip(block.models, self.sparsifiers):
+            task = model.sub_(block.base).contiguous()
+            for piece_offset, (rows,) in row_pieces(offset, task):
+                sparsifier.apply(rows, piece_offset)
+            tasks.append(task)
+        return tasks
+
+
+class TaskVectorPasses(SparsifiedPasses):
+    """One tensor of a `TaskVectorMerge`: its models' sparsifiers' passes, then per block
+    base + λ·Σ(kept wᵢ·τᵢ)/divisor."""
+
+    def __init__(self, method: TaskVectorMerge, sparsifiers: list[Sparsifier]):
+        super().__init__(sparsifiers)
+        self.method = method
+
     def merge(self, block: TensorInputs, offset: int) -> torch.Tensor:
         base = block.base
         if not block.models:
             return base.clone()
         weights = [float(p["weight"]) for p in block.model_params]
-        deltas = []
-        for model, sparsifier, weight in zip(block.models, self.sparsifiers, weights):
-            task = model.sub_(base).contiguous()
-            for piece_offset, (rows,) in row_pieces(offset, task):
-                sparsifier.apply(rows, piece_offset)
-            deltas.append(task.mul_(weight))
+        deltas = [task.mul_(weight) for task, weight in zip(self.sparsified(block, offset), weights)]
         if self.method.sign_consensus:
             mixed, divisor = sign_consensus(deltas, weights)
         else:

@@ -18,7 +18,7 @@ k = int(density · numel) entries; of entries tied at the threshold, the earlier
 (`trim.Window`; peft's topk chooses among them arbitrarily).
 
 The three stream as `streaming.StreamedMethod`s. peft_ties finds each τ's exact threshold in two
-histogram passes over the row blocks (`trim.Window`), after which the trim, the sign election and
+histogram passes over the row blocks (`task_vectors.ByMagnitude`, mergekit's ties' trim), after which the trim, the sign election and
 the mean are entry by entry, so it holds a few row blocks per model, never a whole τ. DARE's masks
 come from the tensor's generator, drawn on the CPU over the whole tensor in model order (peft's
 draws), so the DARE variants merge whole tensors; a seed gives the same model on any device.
@@ -31,9 +31,9 @@ from dataclasses import dataclass
 
 import torch
 
-from workbench.weights.methods.base import WEIGHT, Param, TensorInputs
-from workbench.weights.methods.streaming import Passes, StreamedMethod, row_pieces
-from workbench.weights.methods.trim import Window
+from workbench.weights.methods.base import WEIGHT, Param, TensorInputs, weighted_sum
+from workbench.weights.methods.streaming import Passes, StreamedMethod
+from workbench.weights.methods.task_vectors import ByMagnitude, SparsifiedPasses, Sparsifier
 
 DENSITY = Param("density", float, 0.5, low=0, high=1)  # the fraction of each τ kept, in (0, 1]
 SPARSIFY = ("magnitude", "random")
@@ -69,41 +69,19 @@ class PeftTaskArithmetic(StreamedMethod):
             return DarePasses(self.sign_election)
         density = first.params["density"]
         keep = numel if density >= 1 else int(density * numel)
-        trims = [None if keep >= numel else Window(numel, 0, keep, first.base.device) for _ in first.models]
-        return PeftTiesPasses(trims)
+        return PeftTiesPasses([Sparsifier() if keep >= numel else ByMagnitude(numel, 0, keep, False, first.base.device)
+                               for _ in first.models])
 
 
-class PeftTiesPasses(Passes):
-    """One tensor of peft_ties: each τ's top-k window over two histogram passes (None: nothing
-    trimmed), then per block the trimmed τs' disjoint mean, plus the base."""
-
-    def __init__(self, trims: list[Window | None]):
-        self.trims = trims
-        self.passes = max((t.passes for t in trims if t is not None), default=0)
-
-    def observe(self, pass_index: int, block: TensorInputs, offset: int) -> None:
-        for model, trim in zip(block.models, self.trims):
-            if trim is not None and pass_index < trim.passes:
-                for _, (rows, base) in row_pieces(offset, model, block.base):
-                    trim.observe(pass_index, (rows - base).abs_())
-
-    def finish(self, pass_index: int) -> None:
-        for trim in self.trims:
-            if trim is not None and pass_index < trim.passes:
-                trim.finish(pass_index)
+class PeftTiesPasses(SparsifiedPasses):
+    """One tensor of peft_ties: each τ's top-k window over two histogram passes (mergekit's ties'
+    trim, without its minimum of one entry), then per block the trimmed τs' disjoint mean, plus the base."""
 
     def merge(self, block: TensorInputs, offset: int) -> torch.Tensor:
-        base = block.base
-        tasks = []
-        for model, trim in zip(block.models, self.trims):
-            task = model.sub_(base)
-            if trim is not None:
-                for _, (rows,) in row_pieces(offset, task):  # in flat order, as `Window.mask` counts ties
-                    rows.masked_fill_(~trim.mask(rows.abs()), 0.0)
-            tasks.append(task)
-        if not tasks:
-            return base.clone()
-        return disjoint_mean(tasks, [p["weight"] for p in block.model_params]).add_(base)
+        if not block.models:
+            return block.base.clone()
+        tasks = self.sparsified(block, offset)
+        return disjoint_mean(tasks, [p["weight"] for p in block.model_params]).add_(block.base)
 
 
 class DarePasses(Passes):
@@ -124,14 +102,6 @@ class DarePasses(Passes):
         weights = [block.model_params[i]["weight"] for i in touching]
         merged = disjoint_mean(pruned, weights) if self.sign_election else weighted_sum(pruned, weights)
         return merged.add_(base)
-
-
-def weighted_sum(tasks: Sequence[torch.Tensor], weights: Sequence[float]) -> torch.Tensor:
-    """Σ wᵢ·τᵢ, a new tensor."""
-    merged = torch.zeros_like(tasks[0])
-    for task, weight in zip(tasks, weights):
-        merged.add_(task, alpha=weight)
-    return merged
 
 
 def random_prune(tensor: torch.Tensor, density: float, generator: torch.Generator) -> torch.Tensor:

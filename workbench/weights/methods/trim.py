@@ -227,11 +227,6 @@ def kth_largest(scores: torch.Tensor, k: int) -> float:
     return ranks.value[k]
 
 
-def kth_smallest(scores: torch.Tensor, k: int) -> float:
-    """The k-th smallest (1-based) of `scores`: what `sorted(scores)[k - 1]` is."""
-    return kth_largest(scores, scores.numel() - k + 1)
-
-
 def ranks_along(scores: torch.Tensor, dim: int, rows: int = 4096) -> torch.Tensor:
     """Each entry's 1-based ascending rank along `dim` (ties: the earlier index ranks lower), as
     float32, computed over at most `rows` slices of dim 0 at a time."""
