@@ -241,7 +241,7 @@ def test_streamed_methods_merge_row_block_by_row_block(zoo, monkeypatch, name, p
     for tensor in matrices:
         blocks = row_blocks(shapes[tensor], 300)
         assert len(blocks) >= 4, tensor
-        assert sorted(reads[tensor]) == sorted(blocks * (passes + 1)), tensor
+        assert sorted(reads[tensor]) == sorted([blocks[0]] + blocks[1:] * (passes + 1)), tensor  # block 0 kept
         assert max(stop - start for start, stop in reads[tensor]) < shapes[tensor][0], tensor
 
 

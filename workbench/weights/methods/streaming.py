@@ -89,8 +89,7 @@ class StreamedMethod(MergeMethod):
         for pass_index in range(plan.passes):
             for index, (start, stop) in enumerate(blocks):
                 plan.observe(pass_index, first if index == 0 else read(start, stop), start * row_size)
-            plan.finish(pass_index)
-            first = read(*blocks[0])
+            plan.finish(pass_index)  # `observe` leaves its inputs as they were: block 0 serves every pass
         for index, (start, stop) in enumerate(blocks):
             block = first if index == 0 else read(start, stop)
             yield plan.merge(block, start * row_size)
