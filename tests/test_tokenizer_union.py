@@ -17,6 +17,7 @@ from tokenizers import AddedToken
 from workbench.errors import WorkbenchError
 from workbench.weights.tokenizer_union import (
     TokenizerChoice,
+    config_vocab_size,
     plan_vocabulary,
     resolve_chat_template,
     tokenizer_choice,
@@ -210,6 +211,23 @@ def test_a_base_tokenizer_beyond_its_embedding_is_cut(folders, tmp_path):
         info, _ = oracle(models, "outgrown", {"tokenizer_source": source})
         assert "<unused_a>" not in plan.vocab
         assert_same_tokenizer(plan, info, tmp_path / source)
+
+
+def test_an_adapter_folder_takes_its_models_embedding_size(folders, tmp_path):
+    """A `model+lora` whose adapter carries the tokenizer: the folder has no config.json, so the size
+    the engine passes (the model's vocab_size) decides, as the outgrown model's own config does."""
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    for file in folders["outgrown"].iterdir():
+        if file.name != "config.json":
+            (adapter / file.name).write_bytes(file.read_bytes())
+    for source in ("base", "union"):
+        from_config = plan_vocabulary({"outgrown": folders["outgrown"], "chat": folders["chat"]}, "outgrown",
+                                      TokenizerChoice(source))
+        passed = plan_vocabulary({"outgrown": adapter, "chat": folders["chat"]}, "outgrown", TokenizerChoice(source),
+                                 sizes={"outgrown": 320, "chat": config_vocab_size(folders["chat"])})
+        assert "<unused_a>" not in passed.vocab
+        assert passed.vocab == from_config.vocab and passed.vocab_size == from_config.vocab_size
 
 
 def test_a_model_without_a_tokenizer_is_taken_as_the_base(folders, tmp_path):

@@ -631,7 +631,8 @@ class TokenizerPlan:
             raise WorkbenchError(f"model {missing[0]!r} has no tokenizer files, which tokenizer "
                                  f"{recipe.tokenizer.source!r} needs", recipe.where())
         base = None if recipe.base_model is None else recipe.base_model.text
-        vocabulary = _where(recipe, lambda: plan_vocabulary(folders, base, recipe.tokenizer))
+        sizes = {text: model.config.get("vocab_size") for text, model in models.items()}  # checked by read_model_config
+        vocabulary = _where(recipe, lambda: plan_vocabulary(folders, base, recipe.tokenizer, sizes))
         for tensor in plan.tensors:
             if tensor.vocabulary:
                 tensor.shape = (vocabulary.vocab_size, *tensor.shape[1:])

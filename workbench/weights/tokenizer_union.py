@@ -246,10 +246,13 @@ class VocabularyPlan:
         return f"tokenizer: {what} ({len(self.vocab)} tokens, {len(self.added)} not in the base's{padded})"
 
 
-def plan_vocabulary(models: Mapping[str, Path], base: str | None, choice: TokenizerChoice) -> VocabularyPlan:
-    """The output vocabulary of `choice` over `models` ({name as the recipe writes it: local model
+def plan_vocabulary(models: Mapping[str, Path], base: str | None, choice: TokenizerChoice,
+                    sizes: Mapping[str, int | None] | None = None) -> VocabularyPlan:
+    """The output vocabulary of `choice` over `models` ({name as the recipe writes it: its tokenizer
     folder}, recipe order, the base included) with base model `base` (None: the recipe has none,
-    and the first model's tokenizer is the starting point, as in mergekit)."""
+    and the first model's tokenizer is the starting point, as in mergekit). `sizes`: each model's
+    config `vocab_size` (its embedding rows); None reads each tokenizer folder's config.json, which
+    only a model folder has: a `model+lora` whose adapter carries the tokenizer must pass its model's."""
     names = list(models)
     if not names:
         raise WorkbenchError("no models to build a tokenizer from")
@@ -257,7 +260,7 @@ def plan_vocabulary(models: Mapping[str, Path], base: str | None, choice: Tokeni
         raise WorkbenchError(f"the base model {base!r} is not among the models")
     _check_references(choice, names)
     first = base if base is not None else names[0]
-    sizes = {name: config_vocab_size(Path(models[name])) for name in names}
+    sizes = {name: (config_vocab_size(Path(models[name])) if sizes is None else sizes[name]) for name in names}
     notes: list[str] = []
     base_tokenizer = _stripped(load_tokenizer(Path(models[first])), sizes[first], Path(models[first]))
     tokenizers = {first: base_tokenizer}
