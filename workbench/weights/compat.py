@@ -329,12 +329,10 @@ def _labels(purpose: str) -> tuple[str, str]:
         return "RAW", "TUNED"
     if purpose == "recover":
         return "RAW", "DIFF"
-    if purpose == "merge":
-        return "the base", "the fine-tune"
     return "FIRST", "SECOND"
 
 
-# -- two models (diff; a full fine-tune merged as a task vector), or RAW and another tool's diff ----------
+# -- two models (diff, compat), or RAW and another tool's diff (recover) -------------------------------------
 def _model_findings(purpose: str, first: _Side, second: _Side) -> list[Finding]:
     labels = _labels(purpose)
     tensors = _tensor_findings(purpose, first, second, labels)
@@ -361,8 +359,7 @@ def _special_ids_finding(purpose: str, first: _Side, second: _Side) -> Finding |
     if first.config is None or second.config is None:
         return None
     a, b = ({key.removesuffix("_token_id"): _plain(side.get(key)) for key in SPECIAL_IDS} for side in (first, second))
-    carried = {"diff": "the diff carries TUNED's config.json", "recover": "OUT gets DIFF's config.json",
-               "merge": "OUT gets the base's config.json"}.get(purpose)
+    carried = {"diff": "the diff carries TUNED's config.json", "recover": "OUT gets DIFF's config.json"}.get(purpose)
     return _compared("special token ids", a, b, "ok" if carried else "warn",
                      carried or "generation starts, stops or pads on other ids")
 
@@ -421,9 +418,6 @@ def _one_tensor(purpose: str, name: str, first: _Side, second: _Side, labels: tu
         return [*found, Finding(f"tensor {name}", *shapes, "refuse", why, err, tensor=True)]
     if old is None:
         return found
-    if purpose == "merge":
-        return [*found, Finding(f"tensor {name}", *shapes, "refuse",
-                                f"{two} has {b.shape[0] - old} more row(s); wb merge does not resize the base", tensor=True)]
     return [*found, Finding(f"tensor {name}", *shapes, "resize",
                             f"{one}'s {old} rows grow to {b.shape[0]} ({RESIZE_WORDS[RESIZE_RULE]}, Alpaca's rule)",
                             tensor=True)]
@@ -475,8 +469,6 @@ def _rows_finding(purpose: str, first: _Side, second: _Side, labels: tuple[str, 
                                                         "tokens, and wb does not drop rows")
     added = (second.tokenizer.added if second.tokenizer else [])
     names = f" (added: {', '.join(added[:5])}{'…' if len(added) > 5 else ''})" if added else ""
-    if purpose == "merge":
-        return Finding("embedding rows", a, b, "refuse", f"{two} has {b - a} more row(s){names}; wb merge does not resize")
     return Finding("embedding rows", a, b, "resize",
                    f"{two} has {b - a} more row(s){names}: wb diff and wb recover grow {one}'s vocabulary tensors first "
                    f"with Alpaca's rule ({RESIZE_WORDS[RESIZE_RULE]})")
@@ -527,7 +519,6 @@ def _dtype_finding(purpose: str, first: _Side, second: _Side) -> Finding:
     why = {
         "diff": "wb diff computes in float32 (float64 when a side is) and stores the diff in --dtype",
         "recover": "wb recover adds in float32 and stores DIFF's dtype (or --dtype)",
-        "merge": "wb merge computes in float32 and keeps the base's dtype (or --dtype)",
     }.get(purpose, "wb computes in float32; each command's output keeps its source's dtype unless --dtype")
     return Finding("dtype", a, b, "ok", why if a != b else "the same dtypes")
 
@@ -570,8 +561,7 @@ def _tokenizer_findings(purpose: str, first: _Side, second: _Side) -> list[Findi
     if a is None or b is None:
         return []
     found = []
-    carried = {"diff": "the diff carries TUNED's tokenizer files", "recover": "OUT gets DIFF's tokenizer files",
-               "merge": "OUT gets the first adapter's tokenizer files, else the base's"}.get(purpose)
+    carried = {"diff": "the diff carries TUNED's tokenizer files", "recover": "OUT gets DIFF's tokenizer files"}.get(purpose)
     action, why = ("ok", carried) if carried else ("warn", "prompts and generation differ between the two")
     found.append(_compared("chat template", a.chat_template, b.chat_template, action, why))
     found.append(_compared("special tokens", a.special, b.special, action, why))
