@@ -181,6 +181,29 @@ eval_options = options(  # what `wb eval` and `wb compare` evaluate with (compar
     click.option("--max-new-tokens", type=click.IntRange(min=1), default=128, show_default=True,
                  help="Longest generated answer for --gen-data."),
     click.option("--trust-remote-code", is_flag=True, help="Allow the model folder's own Python code to run."),
+    click.option("--system-prompt", metavar="TEXT",
+                 help="A system message before every prompt (lm-eval's system_instruction; the chat template's "
+                      "system turn for --gen-data). Recorded and compared like n-shot."),
+    click.option("--fewshot-as-multiturn", is_flag=True,
+                 help="With --chat-template: each few-shot example as its own user/assistant turn (lm-eval's)."),
+    click.option("--cache", type=new_path, metavar="DIR",
+                 help="Keep every scored request and generated answer in DIR: a killed run re-run with the same "
+                      "settings skips what was done (lm-eval's use_cache, and a JSONL for --gen-data)."),
+    click.option("--backend", type=click.Choice(["hf", "vllm"]), default="hf", show_default=True,
+                 help="lm-eval model backend: hf (transformers) or vllm (pip install vllm; CUDA)."),
+    click.option("--parallelize", is_flag=True,
+                 help="Spread the model over every visible GPU (lm-eval's parallelize=True) for models one GPU "
+                      "cannot hold; CUDA only."),
+    click.option("--max-memory-per-gpu", metavar="SIZE", help="With --parallelize: e.g. 70GiB per GPU."),
+    click.option("--offload-folder", type=new_path, metavar="DIR",
+                 help="With --parallelize: where layers that fit on no GPU are offloaded."),
+    click.option("--tensor-parallel-size", type=click.IntRange(min=1), default=1, show_default=True,
+                 help="--backend vllm: GPUs per model replica."),
+    click.option("--data-parallel-size", type=click.IntRange(min=1), default=1, show_default=True,
+                 help="--backend vllm: model replicas."),
+    click.option("--gpu-memory-utilization", type=click.FloatRange(0, 1, min_open=True), default=0.9,
+                 show_default=True, help="--backend vllm: the share of GPU memory vLLM may take."),
+    click.option("--max-model-len", type=click.IntRange(min=1), help="--backend vllm: the longest context."),
 )
 
 
@@ -256,10 +279,28 @@ def verify(path, checksums, expected_sum, atol, jobs, as_json):
 
 
 @wb.command("train")
-@click.option("--base", required=True, help="Base model: a local folder, or a hub id when online.")
-@click.option("--data", "data", required=True, multiple=True,
-              help="Training data: JSON or JSONL files, comma-separated or repeated.")
-@click.option("--out", required=True, type=new_path, help="Output folder DIR (adapter, tokenizer, logs, checkpoints/).")
+@click.option("--config", type=existing_path, metavar="YAML",
+              help="Settings file: this command's own option names (lora_r, cutoff_len, ...) or a LLaMA-Factory "
+              "training YAML (model_name_or_path, dataset, lora_rank, ...). Options given here override it.")
+@click.option("--base", help="Base model: a local folder, or a hub id when online. Required (here or in --config).")
+@click.option("--data", "data", multiple=True,
+              help="Training data: JSON or JSONL files, or dataset names of --dataset-dir's dataset_info.json; "
+              "comma-separated or repeated. Required (here or in --config).")
+@click.option("--dataset-dir", type=existing_path, metavar="DIR",
+              help="Folder of a LLaMA-Factory dataset_info.json: --data names are looked up there "
+              "(default: ./data when it has one).")
+@click.option("--out", type=new_path, help="Output folder DIR (adapter, tokenizer, logs, checkpoints/). "
+              "Required (here or in --config).")
+@click.option("--stage", type=click.Choice(["sft", "dpo"]), default="sft", show_default=True,
+              help="sft: supervised fine-tuning on answers; dpo: preference training on chosen/rejected pairs.")
+@click.option("--adapter", type=existing_path, metavar="DIR",
+              help="Continue training this adapter (e.g. the SFT adapter a DPO stage starts from) instead of a new one.")
+@click.option("--pref-loss", type=click.Choice(["sigmoid", "ipo", "hinge", "orpo", "simpo"]), default="sigmoid",
+              show_default=True, help="--stage dpo loss: sigmoid (DPO), ipo, hinge; orpo and simpo need no reference.")
+@click.option("--pref-beta", type=click.FloatRange(min=0, min_open=True), default=0.1, show_default=True,
+              help="--stage dpo: the beta of the preference loss.")
+@click.option("--simpo-gamma", type=click.FloatRange(min=0), default=0.5, show_default=True,
+              help="--pref-loss simpo: the target reward margin.")
 @click.option("--format", "fmt", type=LazyChoice(names_in("workbench.train.data", "FORMATS")), default="auto",
               show_default=True, help="Data format; auto detects alpaca (instruction/input/output), sharegpt "
               "(conversations of from/value, or messages of role/content) and prompt/response columns.")
@@ -281,6 +322,17 @@ def verify(path, checksums, expected_sum, atol, jobs, as_json):
 @click.option("--lora-target", default="all-linear", show_default=True,
               help="Modules to adapt: all-linear (every linear layer but the output head) or a comma list, "
               "e.g. q_proj,v_proj.")
+@click.option("--use-dora", is_flag=True, help="DoRA: weight-decomposed LoRA (peft's use_dora).")
+@click.option("--use-rslora", is_flag=True, help="rsLoRA: scale the update by alpha/sqrt(r) instead of alpha/r.")
+@click.option("--init", "lora_init", type=click.Choice(["default", "gaussian", "pissa"]), default="default",
+              show_default=True, help="LoRA initialisation; pissa starts from the base's principal components "
+              "(the saved adapter is converted to a plain LoRA of the original base).")
+@click.option("--quantization-bit", type=click.Choice(["4", "8"]), help="QLoRA: load the base quantized to 4 or 8 "
+              "bits with bitsandbytes (pip install 'wb[qlora]').")
+@click.option("--quantization-type", type=click.Choice(["nf4", "fp4"]), default="nf4", show_default=True,
+              help="4-bit data type.")
+@click.option("--double-quantization/--no-double-quantization", default=True, show_default=True,
+              help="Quantize the 4-bit quantization constants too.")
 @click.option("--epochs", type=click.FloatRange(min=0, min_open=True), default=3.0, show_default=True,
               help="Training epochs (may be fractional).")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=1e-4, show_default=True,
@@ -521,9 +573,12 @@ def merge(config, base, adapters, weights, method, density, params, tokenizer_so
 @eval_options
 @click.option("--out", required=True, type=new_path,
               help="RESULTS.json to write; <stem>.samples.jsonl and <stem>.predictions.jsonl go beside it.")
+@click.option("--nproc", type=click.IntRange(min=1),
+              help="Data parallel: re-launch through `accelerate launch` with N processes, each scoring its share.")
 @force_option
 @json_option
-def eval_command(model, adapter, out, force, as_json, **evaluation):
+@click.pass_context
+def eval_command(ctx, model, adapter, out, nproc, force, as_json, **evaluation):
     """Score a model (and adapter) on lm-eval benchmarks and with ROUGE/BLEU; write RESULTS.json."""
     from workbench.evals.run import evaluate
     from workbench.provenance import command_line

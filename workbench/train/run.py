@@ -148,9 +148,16 @@ class TrainResult:
 
 def train(
     base: str,
-    data: list[Path],
+    data: list[str | Path],
     out: Path,
     *,
+    config: Path | None = None,
+    dataset_dir: Path | None = None,
+    stage: str = "sft",
+    adapter: Path | None = None,
+    pref_loss: str = "sigmoid",
+    pref_beta: float = 0.1,
+    simpo_gamma: float = 0.5,
     fmt: str = "auto",
     columns: str | None = None,
     template: str = "auto",
@@ -162,6 +169,12 @@ def train(
     lora_alpha: int | None = None,
     lora_dropout: float = 0.0,
     lora_target: str = "all-linear",
+    use_dora: bool = False,
+    use_rslora: bool = False,
+    lora_init: str = "default",
+    quantization_bit: str | None = None,
+    quantization_type: str = "nf4",
+    double_quantization: bool = True,
     epochs: float = 3.0,
     lr: float = 1e-4,
     batch_size: int = 2,
@@ -224,6 +237,10 @@ def load_data(run: Run) -> Data:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+    if o["stage"] == "dpo":
+        from workbench.train.preference import load_preference_data
+
+        return load_preference_data(run)
     loaded = load_conversations(run.data, o["fmt"], o["columns"], o["max_samples"])
     tokenizer = _load_tokenizer(run.base, o["trust_remote_code"])
     chat = resolve_template(o["template"], tokenizer, run.base)
@@ -258,7 +275,12 @@ def build_model(run: Run, data: Data) -> Model:
         f"parameters; {_dtype_name(run.compute)} on {run.device.type}")
     for line in notes:
         say(f"warning: {line}")
-    trainer = _trainer(peft, args, data, run.device, say)
+    if o["stage"] == "dpo":
+        from workbench.train.preference import preference_trainer
+
+        trainer = preference_trainer(peft, args, data, run, say)
+    else:
+        trainer = _trainer(peft, args, data, run.device, say)
     return Model(peft, trainer, main, world, say, trainable, total, fingerprint, notes)
 
 
