@@ -448,7 +448,7 @@ def test_default_template_ends_answers_with_eos(real):
                                       max_samples=1).conversations[0]
     (example,) = encode_all([conversation], template, tokenizer, cutoff_len=256).examples
     learned = [t for t, label in zip(example["input_ids"], example["labels"]) if label != IGNORE]
-    assert tokenizer.decode(learned) == " " + conversation.messages[-1]["content"] + tokenizer.eos_token
+    assert tokenizer.decode(learned) == conversation.messages[-1]["content"] + tokenizer.eos_token + "\n"
 
 
 # ---- several processes --------------------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from workbench.errors import WorkbenchError
+from workbench.train.datasets import DataSource
 
 FORMATS = ("auto", "alpaca", "sharegpt", "columns")
 COLUMN_KEYS = ("prompt", "query", "response", "system")
@@ -31,6 +32,11 @@ SHAREGPT_ROLES = {
     "tool": "tool",
 }
 PROMPT_SIDE = ("user", "tool")
+# LLaMA-Factory's defaults for a dataset_info.json entry (its DatasetAttr)
+LF_COLUMNS = {"alpaca": {"prompt": "instruction", "query": "input", "response": "output"},
+              "sharegpt": {"messages": "conversations"}}
+LF_TAGS = {"role_tag": "from", "content_tag": "value", "user_tag": "human", "assistant_tag": "gpt",
+           "observation_tag": "observation", "function_tag": "function_call", "system_tag": "system"}
 
 
 class Dropped(Exception):
@@ -69,12 +75,14 @@ class LoadedData:
 
 
 def load_conversations(
-    paths: list[Path],
+    paths: list[Path | DataSource],
     fmt: str = "auto",
     columns: str | None = None,
     max_samples: int | None = None,
 ) -> LoadedData:
-    """Read every file (its first `max_samples` records), detect its format, convert and filter."""
+    """Read every file (its first `max_samples` records), detect its format, convert and filter.
+    A DataSource from dataset_info.json is read in its declared formatting with its columns and tags
+    (--format and --columns apply to plain files); a preference (ranking) source is refused here."""
     if fmt not in FORMATS:
         raise WorkbenchError(f"unknown --format {fmt!r}; use one of {', '.join(FORMATS)}")
     column_map = _parse_columns(columns) if columns else None
@@ -82,29 +90,104 @@ def load_conversations(
         raise WorkbenchError(f"--columns applies to --format columns, not {fmt}")
     files: list[DataFile] = []
     conversations: list[Conversation] = []
-    for path in paths:
+    for item in paths:
+        source = item if isinstance(item, DataSource) and item.name is not None else None
+        path = item.path if isinstance(item, DataSource) else Path(item)
+        if source is not None and source.ranking:
+            raise WorkbenchError(f"dataset {source.name!r} is a preference dataset (ranking: true): use --stage dpo",
+                                 path)
         raw = _read_bytes(path)
         records = _parse_records(raw, path)
         if max_samples is not None:
             records = records[:max_samples]
-        file_fmt = _detect(records, fmt, column_map, path)
-        mapping = column_map or DEFAULT_COLUMNS
+        if source is not None:
+            file_fmt = source.formatting
+            convert = _lf_converter(source, records, path)
+        else:
+            file_fmt = _detect(records, fmt, column_map, path)
+            mapping = column_map or DEFAULT_COLUMNS
+            convert = lambda record, f=file_fmt, m=mapping: _convert(record, f, m)  # noqa: E731
         dropped: Counter[str] = Counter()
         kept = 0
         for record in records:
             try:
-                conversations.append(_convert(record, file_fmt, mapping))
+                conversations.append(convert(record))
                 kept += 1
             except Dropped as reason:
                 dropped[str(reason)] += 1
-        files.append(DataFile(str(path), hashlib.sha256(raw).hexdigest(), file_fmt, len(records), kept, dict(dropped)))
+        name = f"{source.name}: {path}" if source is not None else str(path)
+        files.append(DataFile(name, hashlib.sha256(raw).hexdigest(), file_fmt, len(records), kept, dict(dropped)))
     if not conversations:
         reasons = Counter()
         for f in files:
             reasons.update(f.dropped)
         detail = "; ".join(f"{reason} ({count})" for reason, count in reasons.most_common()) or "no records"
-        raise WorkbenchError(f"the dataset is empty after filtering: {detail}", ",".join(map(str, paths)))
+        raise WorkbenchError(f"the dataset is empty after filtering: {detail}", ",".join(f.path for f in files))
     return LoadedData(files, conversations)
+
+
+def _lf_converter(source: DataSource, records: list[dict], path: Path):
+    """The record -> Conversation function of a dataset_info.json entry (LLaMA-Factory's converters:
+    only the mapped columns are read). A mapped column that the records lack is an error."""
+    columns = {**LF_COLUMNS[source.formatting], **source.columns}
+    tags = {**LF_TAGS, **source.tags}
+    if records:
+        missing = [f"{key}={column!r}" for key, column in columns.items() if column not in records[0]
+                   and key in ("prompt", "response", "messages")]
+        if missing:
+            raise WorkbenchError(f"dataset {source.name!r}: its columns map {', '.join(missing)}, but the records have "
+                                 f"keys {', '.join(sorted(records[0]))}", path)
+    if source.formatting == "alpaca":
+        return lambda record: _from_lf_alpaca(record, columns)
+    return lambda record: _from_lf_sharegpt(record, columns, tags)
+
+
+def _from_lf_alpaca(record: dict, columns: dict[str, str]) -> Conversation:
+    """LLaMA-Factory's AlpacaDatasetConverter: history pairs, prompt + "\n" + query, system, tools."""
+    messages = _system(record.get(columns["system"]) if "system" in columns else None)
+    history = record.get(columns["history"]) if "history" in columns else None
+    if history:
+        if not isinstance(history, list) or not all(isinstance(t, list) and len(t) == 2 for t in history):
+            raise Dropped("history is not a list of [prompt, response] pairs")
+        for prompt, response in history:
+            messages += [{"role": "user", "content": _text(prompt, "history")},
+                         {"role": "assistant", "content": _text(response, "history")}]
+    parts = [_text(record.get(columns["prompt"]), columns["prompt"], required=False)]
+    if "query" in columns:
+        parts.append(_text(record.get(columns["query"]), columns["query"], required=False))
+    messages.append({"role": "user", "content": "\n".join(p for p in parts if p)})
+    response = record.get(columns["response"])
+    if isinstance(response, list):  # LLaMA-Factory takes a list's first answer
+        response = response[0] if response else None
+    messages.append({"role": "assistant", "content": _text(response, columns["response"])})
+    return _validated(messages, _tools(record.get(columns["tools"])) if "tools" in columns else None)
+
+
+def _from_lf_sharegpt(record: dict, columns: dict[str, str], tags: dict[str, str]) -> Conversation:
+    """LLaMA-Factory's SharegptDatasetConverter with the entry's tags (a system turn only first)."""
+    turns = record.get(columns["messages"])
+    if not isinstance(turns, list):
+        raise Dropped(f"{columns['messages']} is not a list")
+    roles = {tags["user_tag"]: "user", tags["assistant_tag"]: "assistant", tags["observation_tag"]: "tool",
+             tags["function_tag"]: "function_call"}
+    role_tag, content_tag = tags["role_tag"], tags["content_tag"]
+    if turns and isinstance(turns[0], dict) and turns[0].get(role_tag) == tags["system_tag"]:
+        messages = _system(turns[0].get(content_tag))
+        turns = turns[1:]
+    else:
+        messages = _system(record.get(columns["system"]) if "system" in columns else None)
+    for turn in turns:
+        if not isinstance(turn, dict):
+            raise Dropped("a turn is not an object")
+        role = roles.get(turn.get(role_tag))
+        if role is None:
+            raise Dropped(f"unknown role {turn.get(role_tag)!r}")
+        content = _text(turn.get(content_tag), "content")
+        if role == "function_call":
+            messages.append({"role": "assistant", "content": content, "function_call": True})
+        else:
+            messages.append({"role": role, "content": content})
+    return _validated(messages, _tools(record.get(columns["tools"])) if "tools" in columns else None)
 
 
 def _parse_columns(spec: str) -> dict[str, str]:

@@ -53,7 +53,12 @@ def encode_all(
     cutoff_len: int,
     train_on_prompt: bool = False,
 ) -> EncodedSet:
-    """Render, tokenize (one batched call) and label every conversation."""
+    """Render, tokenize (one batched call) and label every conversation. LLaMA-Factory's template
+    names are encoded by its own rules (templates.encode_lf): its token ids and label masks."""
+    if template.lf is not None:
+        from workbench.train.templates import encode_lf
+
+        return encode_lf(conversations, template, tokenizer, cutoff_len, train_on_prompt)
     result = EncodedSet([])
     segmented: list[list[tuple[str, str, str]]] = []
     for conversation in conversations:
