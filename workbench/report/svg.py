@@ -4,7 +4,8 @@ Every chart is built from `_el`, which escapes each attribute and text node, and
 `Markup` so the (autoescaping) template embeds it as is. No `xmlns`: inline SVG in HTML5 does not
 need one, and a report must not name any URL. The one loss curve, `loss_chart`, is drawn here for
 both the report and `wb train`'s loss.svg (`loss_svg`: the same chart as a file of its own, which
-does carry the namespace, the report's text styles and a white background).
+does carry the namespace, the report's text styles and a white background). A preference run's
+reward margin (`margin_chart`) is drawn beside it.
 """
 
 from __future__ import annotations
@@ -180,6 +181,17 @@ def loss_chart(rows: Sequence[dict], label: str, standalone: bool = False) -> Ma
     if evals:
         series.append(Series("eval loss", evals, markers=True))
     return line_chart(series, label, "step", "loss", standalone=standalone) if series else None
+
+
+def margin_chart(rows: Sequence[dict], label: str, standalone: bool = False) -> Markup | None:
+    """A preference run's chosen-vs-rejected reward margin (trl's `rewards/margins` in trainer_log.jsonl):
+    train as a line, eval as dots; None when the log has none (an SFT run)."""
+    train = [(row["step"], row["rewards/margins"]) for row in rows if is_number(row.get("rewards/margins"))]
+    evals = [(row["step"], row["eval_rewards/margins"]) for row in rows if is_number(row.get("eval_rewards/margins"))]
+    series = [Series("train margin", train)] if train else []
+    if evals:
+        series.append(Series("eval margin", evals, markers=True))
+    return line_chart(series, label, "step", "reward margin", standalone=standalone) if series else None
 
 
 def loss_svg(rows: Sequence[dict], label: str) -> str:

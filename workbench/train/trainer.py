@@ -1,5 +1,8 @@
 """The training engine: `transformers.Trainer` plus what `wb train` needs on every step.
 
+`WbTrainerMixin` holds it, so that the SFT `WbTrainer` and the preference trainers built on trl's
+(workbench/train/preference.py) share one behaviour:
+
 - a non-finite loss stops training *before* the optimizer applies it (every rank agrees, so a
   multi-process run stops together), so each checkpoint already written is a good one;
 - tokens are counted per micro-batch without a device sync and summed over ranks only when logging;
@@ -49,8 +52,9 @@ class PadCollator:
         return {"input_ids": input_ids, "labels": labels, "attention_mask": mask}
 
 
-class WbTrainer(Trainer):
-    """Trainer with the non-finite-loss stop, token counting and wb's log fields."""
+class WbTrainerMixin:
+    """The non-finite-loss stop, token counting and wb's log fields, for any `transformers.Trainer`
+    subclass: put it first among the bases (`class T(WbTrainerMixin, SomeTrainer)`)."""
 
     def __init__(self, *args, echo: Callable[[str], None] | None = None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -63,11 +67,15 @@ class WbTrainer(Trainer):
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
-        count = inputs["attention_mask"].sum()
+        count = self.count_tokens(inputs)
         self._tokens = count if self._tokens is None else self._tokens + count
         if not _finite_everywhere(loss):
             raise NonFiniteLoss(self.state.global_step + 1, float(loss))
         return loss
+
+    def count_tokens(self, inputs: dict) -> torch.Tensor:
+        """The tokens of one micro-batch (a tensor, summed without a device sync)."""
+        return inputs["attention_mask"].sum()
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:
@@ -88,6 +96,10 @@ class WbTrainer(Trainer):
         total = int(self.accelerator.reduce(local.to(self.args.device), reduction="sum").item())
         self.session_tokens += total
         return total
+
+
+class WbTrainer(WbTrainerMixin, Trainer):
+    """The SFT Trainer: `transformers.Trainer` with wb's behaviour."""
 
 
 class _Clock:
@@ -116,10 +128,18 @@ class _LogCallback(TrainerCallback):
             return
         step = f"step {state.global_step}/{state.max_steps}"
         if "loss" in logs:
-            self.echo(f"{step}  loss {logs['loss']:.4f}  lr {logs.get('learning_rate', 0):.3g}  "
+            self.echo(f"{step}  loss {logs['loss']:.4f}{_preference(logs, '')}  lr {logs.get('learning_rate', 0):.3g}  "
                       f"epoch {logs.get('epoch', 0):.2f}  {logs['tokens_per_s']:,.0f} tok/s  {logs['elapsed_s']:.1f} s")
         elif "eval_loss" in logs:
-            self.echo(f"{step}  eval_loss {logs['eval_loss']:.4f}")
+            self.echo(f"{step}  eval_loss {logs['eval_loss']:.4f}{_preference(logs, 'eval_')}")
+
+
+def _preference(logs: dict, prefix: str) -> str:
+    """The reward margin and accuracy of a preference trainer's log entry (trl's names); empty for SFT."""
+    if f"{prefix}rewards/margins" not in logs:
+        return ""
+    return (f"  margin {logs[f'{prefix}rewards/margins']:.4f}  "
+            f"accuracy {logs.get(f'{prefix}rewards/accuracies', 0.0):.2f}")
 
 
 def _finite_everywhere(loss: torch.Tensor) -> bool:
