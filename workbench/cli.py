@@ -371,16 +371,27 @@ def train_command(ctx, nproc, strategy, as_json, data, **options):
     metrics.json and checkpoints/. Under `accelerate launch -m workbench train ...` (or --nproc)
     every process trains and rank 0 writes.
     """
+    import os
+
     from workbench.provenance import command_line
+    from workbench.train.config import check_required, merge, read_config
     from workbench.train.launch import child_args, relaunch
 
-    files = [Path(part) for item in data for part in item.split(",") if part]
-    if nproc is not None:
-        ctx.exit(relaunch(ctx.command, ctx.params, nproc, strategy or "ddp", debug=ctx.obj.get("debug", False)))
+    params = dict(ctx.params)
+    if options["config"] is not None:  # the file fills what the command line did not give
+        config = read_config(options["config"], ctx.command, ctx)
+        params = merge(ctx, config)
+        if config.warning() and nproc is None and os.environ.get("RANK", "0") == "0":
+            click.echo(f"warning: {config.warning()}", err=True)
+    check_required(params, options["config"])
+    if nproc is not None:  # the child gets every resolved value spelled out (and --config, for the record)
+        ctx.exit(relaunch(ctx.command, params, nproc, params["strategy"] or "ddp", debug=ctx.obj.get("debug", False)))
     from workbench.train.run import train
 
-    command = command_line(child_args(ctx.command, ctx.params, skip=()))  # every option spelled out
-    emit(train(data=files, strategy=strategy, command=command, **options), as_json)
+    command = command_line(child_args(ctx.command, params, skip=()))  # every option spelled out
+    items = [part.strip() for item in params["data"] for part in item.split(",") if part.strip()]
+    resolved = {k: v for k, v in params.items() if k not in ("nproc", "as_json", "data")}
+    emit(train(data=items, command=command, **resolved), as_json)
 
 
 @wb.command("diff")

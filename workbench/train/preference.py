@@ -50,14 +50,14 @@ PREFERENCE_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "
 
 def load_preference_data(run: Run) -> Data:
     """The data stage of --stage dpo: preference records -> prompt/chosen/rejected ids, split."""
-    from workbench.train.run import Data, _load_tokenizer, _split
+    from workbench.train.run import Data, _split, load_run_tokenizer
     from workbench.train.templates import resolve_template
 
     o = run.options
     if o["train_on_prompt"]:
         raise WorkbenchError("--train-on-prompt applies to --stage sft: preference losses score the answers only")
     loaded = load_pairs(_sources(o), o["max_samples"])
-    tokenizer = _load_tokenizer(run.base, o["trust_remote_code"])
+    tokenizer = load_run_tokenizer(run)
     chat = resolve_template(o["template"], tokenizer, run.base)
     encoded = encode_pairs(loaded.pairs, chat, tokenizer, o["cutoff_len"])
     if not encoded.examples:

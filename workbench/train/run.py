@@ -34,7 +34,6 @@ import re
 import shutil
 import sys
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
@@ -50,8 +49,11 @@ from workbench.io.reader import open_checkpoint
 from workbench.outputs import check_not_input
 from workbench.provenance import versions, weight_fingerprints
 from workbench.report.svg import loss_svg
+from workbench.train import adapters
 from workbench.train.checks import untrained_special_tokens
+from workbench.train.config import config_record, copy_config
 from workbench.train.data import LoadedData, load_conversations
+from workbench.train.datasets import DataSource, default_dataset_dir, resolve_sources
 from workbench.train.encode import EncodedSet, encode_all
 from workbench.train.launch import config_file
 from workbench.train.templates import ChatTemplate, resolve_template
@@ -71,7 +73,7 @@ class Run:
     """What every stage reads: the settings, checked and resolved before anything is loaded."""
 
     base: str
-    data: list[Path]
+    data: list[DataSource]  # --data items resolved: files, or dataset_info.json entries
     out: Path
     options: dict  # as given, with resolved values replacing some; recorded in train_args.json
     device: torch.device
@@ -114,6 +116,7 @@ class Model:
     total: int
     fingerprint: dict | None  # sha256 of the base's weight files (taken on rank 0 only)
     notes: list[str]  # warnings so far: dropped records, untrained template tokens
+    built: adapters.Built | None = None  # how the adapter was made (PiSSA's initial adapter, --adapter DIR)
 
 
 @dataclass
@@ -212,19 +215,28 @@ def _resolve(given: dict) -> Run:
     options = dict(given)  # the settings as given; resolved values replace some below
     command = options.pop("command")
     started, clock = datetime.now(timezone.utc), time.perf_counter()
-    base, out, data = given["base"], Path(given["out"]), [Path(p) for p in given["data"]]
-    options.update(base=str(base), out=str(out), data=[str(p) for p in data])
+    base, out = given["base"], Path(given["out"])
+    dataset_dir = Path(given["dataset_dir"]) if given["dataset_dir"] is not None else default_dataset_dir()
+    data = resolve_sources(given["data"], dataset_dir)
+    options.update(base=str(base), out=str(out), data=[str(p) for p in given["data"]],
+                   data_files=[str(s.path) for s in data], dataset_dir=str(dataset_dir) if dataset_dir else None,
+                   config=config_record(Path(given["config"])) if given["config"] is not None else None)
     if options["strategy"] and not _under_launcher():
         raise WorkbenchError(f"--strategy {options['strategy']} needs several processes: add --nproc N "
                              "(or use accelerate launch)")
     run_device = resolve_device(options["device"])
     compute = resolve_compute_dtype(options["dtype"], run_device)
     _check_dtype(compute, run_device, options["allow_fp16"])
-    check_not_input(out, [base if Path(base).exists() else None, *data])
+    check_not_input(out, [base if Path(base).exists() else None, *(s.path for s in data),
+                          Path(given["config"]) if given["config"] is not None else None])
     resume_from = _resume_point(out, options["resume"], options["force"])
+    if options["adapter"] is not None:
+        options["adapter"] = str(options["adapter"])  # recorded in train_args.json
+        check_not_input(out, [Path(options["adapter"])])
     options.update(device=run_device.type, dtype=_dtype_name(compute),
                    lora_alpha=options["lora_alpha"] or 2 * options["lora_r"],
                    eval_steps=options["eval_steps"] or options["save_steps"])
+    adapters.check_options(options)  # after lora_alpha is resolved: --adapter's config is checked against it
     return Run(base, data, out, options, run_device, compute, resume_from, command, started, clock)
 
 
@@ -242,12 +254,12 @@ def load_data(run: Run) -> Data:
 
         return load_preference_data(run)
     loaded = load_conversations(run.data, o["fmt"], o["columns"], o["max_samples"])
-    tokenizer = _load_tokenizer(run.base, o["trust_remote_code"])
+    tokenizer = load_run_tokenizer(run)
     chat = resolve_template(o["template"], tokenizer, run.base)
     encoded = encode_all(loaded.conversations, chat, tokenizer, o["cutoff_len"], o["train_on_prompt"])
     if not encoded.examples:
         detail = "; ".join(f"{r} ({n})" for r, n in encoded.dropped.most_common())
-        raise WorkbenchError(f"the dataset is empty after filtering: {detail}", ",".join(map(str, run.data)))
+        raise WorkbenchError(f"the dataset is empty after filtering: {detail}", ",".join(f.path for f in loaded.files))
     train_set, val_set = _split(encoded.examples, o["val_size"], o["seed"])
     if chat.name != "auto":
         tokenizer.chat_template = chat.source
@@ -267,12 +279,14 @@ def build_model(run: Run, data: Data) -> Model:
     _check_accumulation(len(data.train), o["batch_size"], world, o["grad_accum"])
     _describe(say, data, o, world)
     fingerprint = _fingerprint(run.base) if main else None
-    base = _load_model(run.base, run.compute, o["strategy"], o["trust_remote_code"], o["gradient_checkpointing"])
+    base = _load_model(run.base, run.compute, o["strategy"], o["trust_remote_code"], o["gradient_checkpointing"],
+                       adapters.quantization_config(o, run.compute), args.device)
     notes = data.notes + untrained_special_tokens(base, data.chat.special_ids, data.tokenizer)
-    peft = _add_lora(base, o, o["seed"])
+    built = adapters.add_adapter(base, o, o["seed"])
+    peft = built.peft
     trainable, total = peft.get_nb_trainable_parameters()
-    say(f"LoRA r={o['lora_r']} alpha={o['lora_alpha']} on {o['lora_target']}: {trainable:,} trainable of {total:,} "
-        f"parameters; {_dtype_name(run.compute)} on {run.device.type}")
+    say(f"{_adapter_words(o)} r={o['lora_r']} alpha={o['lora_alpha']} on {o['lora_target']}: {trainable:,} "
+        f"trainable of {total:,} parameters; {_dtype_name(run.compute)} on {run.device.type}{_base_words(o)}")
     for line in notes:
         say(f"warning: {line}")
     if o["stage"] == "dpo":
@@ -281,7 +295,7 @@ def build_model(run: Run, data: Data) -> Model:
         trainer = preference_trainer(peft, args, data, run, say)
     else:
         trainer = _trainer(peft, args, data, run.device, say)
-    return Model(peft, trainer, main, world, say, trainable, total, fingerprint, notes)
+    return Model(peft, trainer, main, world, say, trainable, total, fingerprint, notes, built)
 
 
 def fit(run: Run, data: Data, model: Model) -> Fitted:
@@ -313,7 +327,14 @@ def save(run: Run, data: Data, model: Model, fitted: Fitted) -> TrainResult:
     trainer.save_model(str(staging))
     metrics = _metrics(run, data, model, fitted)
     if model.main:
+        if model.built is not None and model.built.pissa is not None:
+            adapters.save_pissa_converted(model.built, staging, run.out / "checkpoints")
+            model.say(f"PiSSA: the adapter is saved converted to a LoRA of the original base (r={2 * run.options['lora_r']}); "
+                      "checkpoints/ stay relative to the residual base (checkpoints/pissa-init holds the initial adapter)")
         _check_adapter(staging)
+        copy_config(staging, run.options)  # --config's file, as train_config.yaml
+        if model.built is not None:
+            metrics["adapter"] = adapters.adapter_record(model.built, staging)
         provenance = _provenance(run, data, model, metrics)
         metrics["total_runtime_s"] = round(time.perf_counter() - run.clock, 3)
         _write_outputs(staging, run.out, provenance, _log_rows(trainer.state.log_history, trainer.state.max_steps),
@@ -357,6 +378,8 @@ def _provenance(run: Run, data: Data, model: Model, metrics: dict) -> dict:
         "template": {"name": data.chat.name, "end_of_turn": data.chat.eot_token,
                      "special_tokens": data.tokenizer.convert_ids_to_tokens(data.chat.special_ids)},
         "lora": {"trainable_params": model.trainable, "total_params": model.total},
+        "adapter": metrics.get("adapter"),
+        "quantization": adapters.quantization_record(run.options, run.compute),
         "distributed": {"world_size": model.world, "global_batch": metrics["global_batch"],
                         "strategy": run.options["strategy"]},
         "versions": versions(VERSIONED),
@@ -424,6 +447,15 @@ def _prepare_out(out: Path, force: bool, resuming: bool) -> None:
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
 
 
+def load_run_tokenizer(run: Run):
+    """The tokenizer training encodes with: --adapter's folder when it holds one (the SFT run saved its
+    tokenizer and chat template there, which a DPO stage continuing it must keep), else the base's."""
+    adapter = run.options["adapter"]
+    if adapter is not None and (Path(adapter) / "tokenizer_config.json").is_file():
+        return _load_tokenizer(adapter, run.options["trust_remote_code"])
+    return _load_tokenizer(run.base, run.options["trust_remote_code"])
+
+
 def _load_tokenizer(base: str, trust_remote_code: bool):
     from transformers import AutoTokenizer
 
@@ -435,34 +467,43 @@ def _load_tokenizer(base: str, trust_remote_code: bool):
         raise WorkbenchError(f"cannot load the tokenizer: {exc}", base) from None
 
 
-def _load_model(base: str, compute: torch.dtype, strategy: str | None, trust_remote_code: bool, checkpointing: bool):
-    """The base model in the compute dtype (fp32 under FSDP, whose mixed precision casts per layer)."""
+def _load_model(base: str, compute: torch.dtype, strategy: str | None, trust_remote_code: bool, checkpointing: bool,
+                quantization=None, device: torch.device | None = None):
+    """The base model in the compute dtype (fp32 under FSDP, whose mixed precision casts per layer);
+    with a bitsandbytes `quantization` config, quantized on this process's device and prepared for
+    k-bit training (adapters.prepare_quantized)."""
     from transformers import AutoModelForCausalLM
 
     load_dtype = torch.float32 if strategy == "fsdp" else compute
+    placed = {} if quantization is None else {"quantization_config": quantization, "device_map": {"": device}}
     try:
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=load_dtype, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=load_dtype, trust_remote_code=trust_remote_code,
+                                                     **placed)
     except (OSError, ValueError) as exc:
         raise WorkbenchError(f"cannot load the base model: {exc}", base) from None
+    if quantization is not None:
+        adapters.release_checkpoint_memory(model)
+        model = adapters.prepare_quantized(model, checkpointing)
     model.config.use_cache = not checkpointing and model.config.use_cache
     return model
 
 
-def _add_lora(model, options: dict, seed: int):
-    from peft import LoraConfig, get_peft_model
-    from transformers import set_seed
+def _adapter_words(o: dict) -> str:
+    """What kind of adapter is trained, as `wb train` says it: LoRA, DoRA, rsLoRA, PiSSA-initialised ..."""
+    kind = "DoRA" if o["use_dora"] else "LoRA"
+    words = [f"rs{kind}" if o["use_rslora"] else kind]
+    if o["lora_init"] != "default":
+        words.append(f"({o['lora_init']} init)")
+    if o.get("adapter"):
+        words.append(f"continued from {o['adapter']}")
+    return " ".join(words)
 
-    target = options["lora_target"]
-    modules = target if target == "all-linear" else [t.strip() for t in target.split(",") if t.strip()]
-    config = LoraConfig(r=options["lora_r"], lora_alpha=options["lora_alpha"], lora_dropout=options["lora_dropout"],
-                        target_modules=modules, task_type="CAUSAL_LM")
-    set_seed(seed)  # the LoRA A matrices are drawn here
-    try:
-        with warnings.catch_warnings():  # peft asks transformers 5 a deprecated question; not the user's concern
-            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
-            return get_peft_model(model, config)
-    except ValueError as exc:
-        raise WorkbenchError(f"--lora-target {target}: {exc}") from None
+
+def _base_words(o: dict) -> str:
+    bits = o.get("quantization_bit")
+    if bits is None:
+        return ""
+    return f", base quantized to {bits} bits ({o['quantization_type'] if bits == '4' else 'LLM.int8'})"
 
 
 def _split(examples: list[dict], val_size: float, seed: int) -> tuple[list[dict], list[dict]]:
@@ -490,14 +531,21 @@ def _check_accumulation(n_train: int, batch_size: int, world: int, grad_accum: i
 
 def _training_arguments(out: Path, o: dict, compute: torch.dtype, device: torch.device, evaluate: bool,
                         strategy: str | None):
-    """TrainingArguments; created before the model so that ZeRO-3 can partition it while loading."""
+    """TrainingArguments (for --stage dpo trl's config class of --pref-loss, a subclass, with the preference
+    settings); created before the model so that ZeRO-3 can partition it while loading."""
     from transformers import TrainingArguments
 
+    arguments, preference = TrainingArguments, {}
+    if o["stage"] == "dpo":
+        from workbench.train.preference import preference_config
+
+        arguments, preference = preference_config(o, device.type)
     known = {f.name for f in fields(TrainingArguments)}
     checkpointing = "activation_checkpointing" if "activation_checkpointing" in known else "gradient_checkpointing"
     warmup = {"warmup_ratio": o["warmup_ratio"]} if "warmup_ratio" in known else {"warmup_steps": o["warmup_ratio"]}
     try:
-        return TrainingArguments(
+        return arguments(
+            **preference,
             output_dir=str(out / "checkpoints"),
             per_device_train_batch_size=o["batch_size"],
             per_device_eval_batch_size=o["batch_size"],
@@ -547,7 +595,8 @@ def _describe(say, data: Data, o: dict, world: int) -> None:
     """What will be trained on, and by how many processes."""
     for f in data.loaded.files:
         say(f"data: {f.path}: {f.records} records ({f.format}), {f.kept} kept")
-    say(f"template: {data.chat.name} (end of turn {data.chat.eot_token}); {len(data.encoded.examples)} examples: "
+    unit = "preference pairs" if o["stage"] == "dpo" else "examples"
+    say(f"template: {data.chat.name} (end of turn {data.chat.eot_token}); {len(data.encoded.examples)} {unit}: "
         f"{len(data.train)} train, {len(data.val)} validation; {data.encoded.truncated} truncated to "
         f"{o['cutoff_len']} tokens")
     say(f"world size {world}, global batch {o['batch_size'] * o['grad_accum'] * world} "
@@ -596,11 +645,28 @@ def _metrics(run: Run, data: Data, model: Model, fitted: Fitted) -> dict:
         "peak_gpu_memory_gb": peak,
         "resumed_from": run.resume_from.name if run.resume_from else None,
         "warnings": model.notes,
+        **_final_preference(history),
     }
 
 
+def _final_preference(history: list[dict]) -> dict:
+    """The last logged preference metrics of training and of evaluation (trl's names); none for SFT."""
+    from workbench.train.preference import PREFERENCE_METRICS
+
+    final = {}
+    for prefix in ("", "eval_"):
+        rows = [e for e in history if f"{prefix}rewards/margins" in e]
+        if rows:
+            final.update({f"{prefix}{k}": rows[-1][f"{prefix}{k}"] for k in PREFERENCE_METRICS
+                          if f"{prefix}{k}" in rows[-1]})
+    return final
+
+
 def _log_rows(history: list[dict], total_steps: int) -> list[dict]:
-    """trainer_log.jsonl rows: one per logging step, eval_loss merged into its step's row."""
+    """trainer_log.jsonl rows: one per logging step, eval_loss merged into its step's row; a preference
+    run's rows also carry trl's reward metrics (rewards/margins, ..., and eval_rewards/... when evaluated)."""
+    from workbench.train.preference import PREFERENCE_METRICS
+
     rows: dict[int, dict] = {}
     for entry in history:
         if "loss" not in entry and "eval_loss" not in entry:
@@ -610,9 +676,11 @@ def _log_rows(history: list[dict], total_steps: int) -> list[dict]:
             row.update(loss=entry["loss"], lr=entry.get("learning_rate"), epoch=entry.get("epoch"),
                        grad_norm=entry.get("grad_norm"), tokens_per_s=entry.get("tokens_per_s"),
                        elapsed_s=entry.get("elapsed_s"))
+            row.update({k: entry[k] for k in PREFERENCE_METRICS if k in entry})
         else:
             row["eval_loss"] = entry["eval_loss"]
             row.setdefault("epoch", entry.get("epoch"))
+            row.update({f"eval_{k}": entry[f"eval_{k}"] for k in PREFERENCE_METRICS if f"eval_{k}" in entry})
     return [rows[step] for step in sorted(rows)]
 
 

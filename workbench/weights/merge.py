@@ -734,6 +734,31 @@ def _write_config(plan: MergePlan, tokenizer: TokenizerPlan, out_dir: Path) -> N
         (out_dir / "generation_config.json").write_bytes((donor / "generation_config.json").read_bytes())
 
 
+TRAIN_ARGS_LIMIT = 16 * 2**20  # a train_args.json is a few kB; a larger one is not wb's
+
+
+def quantized_base_note(adapter: Path) -> str | None:
+    """The note for an adapter `wb train` trained on a quantized base (its train_args.json, beside
+    adapter_config.json, says so under "quantization"), else None. train_args.json is a record, not an
+    input of the merge: absent, unreadable or not what wb writes, it is ignored and gives no note."""
+    file = Path(adapter) / "train_args.json"
+    try:
+        if not file.is_file() or file.stat().st_size > TRAIN_ARGS_LIMIT:
+            return None
+        record = read_json(file, "train_args.json")
+    except (OSError, WorkbenchError):
+        return None
+    quantization = record.get("quantization") if isinstance(record, dict) else None
+    bits = quantization.get("bits") if isinstance(quantization, dict) else None
+    if type(bits) is not int or bits not in (4, 8):
+        return None
+    kind = quantization.get("type")
+    kind = f" ({kind})" if kind in ("nf4", "fp4", "llm.int8") else ""
+    return (f"{adapter} was trained on a {bits}-bit{kind} quantized base (QLoRA): it learned against the "
+            "dequantized weights, so merged into this full-precision base it gives a slightly different model "
+            "from the one trained (close, not identical)")
+
+
 def _fingerprints(models: list[InputModel]) -> list[dict[str, str]]:
     """sha256 of every model's weight and config files (and its LoRA adapter's), {relative name: hex}."""
     hashes = []
@@ -758,6 +783,8 @@ def _record(recipe: Recipe, method: MergeMethod, plan: MergePlan, tokenizer: Tok
     resolved = recipe.to_json()
     notes = [f"{len(plan.ignored)} parameter(s) that {method.name} does not take, ignored as mergekit does: "
              f"{', '.join(plan.ignored)}"] if plan.ignored else []
+    notes += [note for model in models if model.ref.lora is not None
+              if (note := quantized_base_note(model.ref.lora)) is not None]
     return {
         "command": command,
         "recipe": {"file": None if recipe.file is None else str(recipe.file.absolute()),
