@@ -88,6 +88,7 @@ def test_llamafactory_sft_example_trains_end_to_end(tmp_path, tiny_base):
     assert options["config"]["path"] == str(path) and len(options["config"]["sha256"]) == 64
     assert options["data"] == ["identity", "alpaca_en_demo"] and args["data"]["kept"] == 8
     assert json.loads(result.stdout)["steps"] == 1
+    assert (out / "train_config.yaml").read_bytes() == path.read_bytes()  # the file itself, beside the adapter
 
 
 def write(tmp_path: Path, text: str) -> Path:
