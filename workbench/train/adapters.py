@@ -20,7 +20,6 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
 import shutil
 import warnings
@@ -36,12 +35,6 @@ PISSA_INIT = "pissa_niter_16"  # LLaMA-Factory's pissa_init with its default pis
 PISSA_FOLDER = "pissa_init"  # becomes a peft adapter name during the conversion: no dots, no dashes
 INITS = {"default": True, "gaussian": "gaussian", "pissa": PISSA_INIT}
 QLORA_INSTALL = "--quantization-bit needs bitsandbytes: pip install 'wb[qlora]'"
-# bitsandbytes' log lines that say nothing to a wb user: a missing optional CPU kernel package (logged
-# once, at import) and LLM.int8's documented fp16 cast of its inputs (logged on every forward).
-BNB_QUIET = {
-    "bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward from kernels-community",
-    "bitsandbytes.autograd._functions": "MatMul8bitLt: inputs will be cast from",
-}
 # the options an existing adapter's config decides: (train option, adapter_config key, default)
 ADAPTER_DECIDES = (("lora_r", "r", 8), ("lora_dropout", "lora_dropout", 0.0), ("use_dora", "use_dora", False),
                    ("use_rslora", "use_rslora", False))
@@ -100,30 +93,8 @@ def check_options(o: dict) -> None:
 # ---- QLoRA -----------------------------------------------------------------------------------------
 
 
-class _DropMessage(logging.Filter):
-    def __init__(self, fragment: str):
-        super().__init__()
-        self.fragment = fragment
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return self.fragment not in str(record.msg)
-
-
-def quiet_bitsandbytes() -> None:
-    """Drop bitsandbytes' two uninformative log lines (only those). Called when this module is imported:
-    peft imports bitsandbytes as soon as peft itself is imported, whether or not a base is quantized."""
-    for name, fragment in BNB_QUIET.items():
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, _DropMessage) for f in logger.filters):
-            logger.addFilter(_DropMessage(fragment))
-
-
-quiet_bitsandbytes()
-
-
 def import_bitsandbytes():
     """bitsandbytes, or one error line saying how to install it."""
-    quiet_bitsandbytes()
     try:
         import bitsandbytes
     except ImportError:

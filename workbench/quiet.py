@@ -1,0 +1,34 @@
+"""Log lines of other libraries that say nothing to a wb user, dropped where they are logged.
+
+Installed when `workbench` is imported (logging filters only: nothing heavy is imported): peft imports
+bitsandbytes as soon as peft itself is imported, so `wb chat`, `wb eval` and `wb train` would all
+print bitsandbytes' notice about an optional CPU kernel package without it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+# logger -> the message fragment dropped there: a missing optional CPU kernel package (logged once, at
+# import) and LLM.int8's documented fp16 cast of its inputs (logged on every forward).
+DROPPED = {
+    "bitsandbytes.backends.cpu.ops": "Failed to load CPU gemm_4bit_forward from kernels-community",
+    "bitsandbytes.autograd._functions": "MatMul8bitLt: inputs will be cast from",
+}
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, fragment: str):
+        super().__init__()
+        self.fragment = fragment
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.fragment not in str(record.msg)
+
+
+def install() -> None:
+    """Add the filters (once per logger)."""
+    for name, fragment in DROPPED.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessage) for f in logger.filters):
+            logger.addFilter(_DropMessage(fragment))
