@@ -417,7 +417,7 @@ class FakeEvaluate:
 
     def __call__(self, model, *, adapter=None, tasks=(), data_dir=None, gen_data=None, num_fewshot=None, limit=None,
                  batch_size="auto", device="auto", dtype="auto", chat_template=None, max_new_tokens=128,
-                 trust_remote_code=False, out, force=False, command=None):
+                 trust_remote_code=False, out, force=False, command=None, **options):
         from workbench.weights.checksum import checksum
 
         self.calls.append({"model": str(model), "adapter": adapter and str(adapter), "out": Path(out)})

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from workbench.errors import WorkbenchError
+from workbench.evals.results import PROMPT_SETTINGS, recorded_setting
 from workbench.evals.tasks import canonical
 from workbench.io.hashing import sha256_file
 from workbench.outputs import check_not_input
@@ -94,6 +95,17 @@ def compare(
     chat_template: bool | None = None,
     max_new_tokens: int = 128,
     trust_remote_code: bool = False,
+    system_prompt: str | None = None,
+    fewshot_as_multiturn: bool = False,
+    cache: str | Path | None = None,
+    backend: str = "hf",
+    parallelize: bool = False,
+    max_memory_per_gpu: str | None = None,
+    offload_folder: str | Path | None = None,
+    tensor_parallel_size: int = 1,
+    data_parallel_size: int = 1,
+    gpu_memory_utilization: float = 0.9,
+    max_model_len: int | None = None,
     out: str | Path,
     force: bool = False,
     title: str | None = None,
@@ -101,7 +113,12 @@ def compare(
     command: str | None = None,
     log: Callable[[str], None] = lambda message: None,
 ) -> CompareResult:
-    """Evaluate (or re-use) every model, then write `out/index.html`; `force` re-evaluates everything."""
+    """Evaluate (or re-use) every model, then write `out/index.html`; `force` re-evaluates everything.
+
+    The evaluation options are `workbench.evals.run.evaluate`'s, the same for every model. Those that change
+    what is scored (tasks, shots, system prompt, backend, ...) decide whether a results file is re-used;
+    those that only place the work (cache, parallelize, memory, tensor/data parallel sizes) do not.
+    """
     if not tuned and not adapters:
         raise WorkbenchError("nothing to compare: give a tuned model or an adapter")
     out = Path(out)
@@ -110,8 +127,12 @@ def compare(
     check_not_input(out, [base, *tuned, *adapters, gen_data, *(spec.split("=", 1)[-1] for spec in data_dir)])
     settings = {"tasks": list(tasks), "num_fewshot": num_fewshot, "limit": limit, "data_dir": list(data_dir),
                 "gen_data": gen_data, "batch_size": batch_size, "chat_template": chat_template,
-                "max_new_tokens": max_new_tokens, "dtype": dtype}
-    eval_kwargs = {**settings, "device": device, "trust_remote_code": trust_remote_code}
+                "max_new_tokens": max_new_tokens, "dtype": dtype, "system_prompt": system_prompt,
+                "fewshot_as_multiturn": fewshot_as_multiturn, "backend": backend, "max_model_len": max_model_len}
+    placement = {"cache": cache, "parallelize": parallelize, "max_memory_per_gpu": max_memory_per_gpu,
+                 "offload_folder": offload_folder, "tensor_parallel_size": tensor_parallel_size,
+                 "data_parallel_size": data_parallel_size, "gpu_memory_utilization": gpu_memory_utilization}
+    eval_kwargs = {**settings, **placement, "device": device, "trust_remote_code": trust_remote_code}
     result = CompareResult(out / REPORT_NAME, [])
     # The base shared by every candidate is hashed once per comparison, not once per candidate.
     weight_hashes = functools.cache(weight_fingerprints)
@@ -128,6 +149,8 @@ def compare(
             raise WorkbenchError(f"{path.name} differs from this comparison in: {', '.join(reasons)}; pass --force "
                                  "to re-evaluate and replace it, or choose another --out", path)
         todo.append((candidate, path))
+    if todo:
+        _check_options(eval_kwargs)
     _check_candidates([candidate for candidate, _ in todo], trust_remote_code)
     for candidate, path in todo:
         log(f"evaluating {candidate.name}")
@@ -142,6 +165,17 @@ def compare(
 def is_train_output(folder: Path) -> bool:
     """An adapter written by `wb train` brings its training run into the report."""
     return (folder / "train_args.json").is_file() and (folder / "trainer_log.jsonl").is_file()
+
+
+def _check_options(kwargs: dict[str, Any]) -> None:
+    from workbench.evals import run as evaluation
+    from workbench.evals.backends import BackendOptions
+
+    backend = BackendOptions(kwargs["backend"], kwargs["parallelize"], kwargs["max_memory_per_gpu"],
+                             kwargs["offload_folder"], kwargs["tensor_parallel_size"], kwargs["data_parallel_size"],
+                             kwargs["gpu_memory_utilization"], kwargs["max_model_len"])
+    evaluation.check_options(kwargs["device"], kwargs["chat_template"], kwargs["system_prompt"],
+                             kwargs["fewshot_as_multiturn"], backend)
 
 
 def _check_candidates(todo: Sequence[Candidate], trust_remote_code: bool) -> None:
@@ -204,6 +238,10 @@ def _setting_checks(existing: ModelResults, recorded: dict[str, Any], wanted: di
     yield "data_dir", _data_dir_paths(recorded.get("data_dir")) == data_dirs
     yield "batch_size", str(recorded.get("batch_size")) == str(wanted["batch_size"])
     yield "chat_template", recorded.get("chat_template") == wanted["chat_template"]
+    for key in (*PROMPT_SETTINGS, "backend"):
+        yield key, recorded_setting(recorded, key) == wanted[key]
+    if wanted["backend"] == "vllm":  # hf reads the model's own context length
+        yield "max_model_len", recorded.get("max_model_len") == wanted["max_model_len"]
     if wanted["dtype"] != "auto":
         from workbench.dtypes import parse_dtype
 

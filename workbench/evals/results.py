@@ -50,6 +50,25 @@ MAX_TREE_ROWS = 50_000  # group_subtasks expanded into the report's tree of rows
 LIMIT_TEXT = "1e12"  # FIGURE_LIMIT as messages write it
 FILE_NAME_BYTES = 255
 PROVENANCE_TEXTS = ("model", "adapter", "dtype", "device", "started", "command")
+# Settings that change the prompts a model sees, hence its scores: two results made with different values are
+# not compared (as a different n-shot is not). BACKENDS: `wb eval --backend`.
+PROMPT_SETTINGS = ("system_prompt", "fewshot_as_multiturn")
+BACKENDS = ("hf", "vllm")
+
+
+def recorded_setting(settings: Mapping[str, Any], key: str) -> Any:
+    """A setting of `provenance.settings`, with what a results file written before wb recorded it means.
+
+    Before `--system-prompt`/`--fewshot-as-multiturn`/`--backend` existed, wb ran lm-eval's hf model with no
+    system instruction and left fewshot_as_multiturn at simple_evaluate's default, True, which matters only
+    with a chat template: an older file reads as system_prompt None, backend "hf", and fewshot_as_multiturn
+    true exactly where it asked for the chat template.
+    """
+    if key in settings:
+        return settings[key]
+    if key == "fewshot_as_multiturn":
+        return settings.get("chat_template") is True
+    return {"system_prompt": None, "backend": "hf"}.get(key)
 
 
 def read_results(path: str | Path) -> dict[str, Any]:
@@ -205,6 +224,12 @@ def _check_provenance(check: Checker, provenance: Any) -> None:
         check.count(settings.get("batch_size"), at("batch_size"))
     if not isinstance(settings.get("chat_template"), (bool, str, type(None))):
         check.fail(at("chat_template"), "must be true, false, a string or null")
+    check.text(settings.get("system_prompt"), at("system_prompt"))
+    if not isinstance(settings.get("fewshot_as_multiturn", False), bool):
+        check.fail(at("fewshot_as_multiturn"), "must be true or false")
+    if settings.get("backend", "hf") not in BACKENDS:
+        check.fail(at("backend"), f"must be one of {', '.join(BACKENDS)}, not {_shown(settings.get('backend'))}")
+    check.count(settings.get("max_model_len"), at("max_model_len"))
 
 
 def _check_generation(check: Checker, generation: Any) -> None:

@@ -25,7 +25,8 @@ from workbench.io.jsonfile import parse_json, read_json
 from workbench.provenance import file_fingerprints
 
 SIDE_RECORDS = ("merge.json", "weight_diff.json")
-TRAIN_LOG_FIGURES = ("loss", "eval_loss", "tokens_per_s")  # what the report reads from trainer_log.jsonl
+TRAIN_LOG_FIGURES = ("loss", "eval_loss", "tokens_per_s", "rewards/margins", "eval_rewards/margins")  # what the
+# report reads from trainer_log.jsonl (the margins: a preference run's)
 
 
 @dataclass

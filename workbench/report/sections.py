@@ -16,7 +16,7 @@ from typing import Any
 from markupsafe import Markup
 
 from workbench.errors import WorkbenchError
-from workbench.evals.results import subtask_problem
+from workbench.evals.results import PROMPT_SETTINGS, recorded_setting, subtask_problem
 from workbench.report import svg
 from workbench.report.load import ModelResults, TrainRun, is_number
 from workbench.report.stats import Change, z_test
@@ -26,7 +26,12 @@ METADATA_KEYS = {"alias", "name", "sample_len", "sample_count", "samples"}
 METRIC_ORDER = ("acc", "acc_norm", "exact_match", "f1", "bleu", "rouge")
 GEN_METRICS = ("rouge-1", "rouge-2", "rouge-l", "bleu-4")
 GEN_RANK_METRIC = "rouge-l"
-COMPARED_SETTINGS = ("tasks", "num_fewshot", "limit", "data_dir", "gen_data", "chat_template", "max_new_tokens")
+COMPARED_SETTINGS = ("tasks", "num_fewshot", "limit", "data_dir", "gen_data", "chat_template", "max_new_tokens",
+                     *PROMPT_SETTINGS, "backend", "max_model_len")
+# Settings added after the first results files: an older file reads as what wb did then (recorded_setting).
+LATER_SETTINGS = (*PROMPT_SETTINGS, "backend", "max_model_len")
+PROMPT_LABELS = {"system_prompt": "system prompt", "fewshot_as_multiturn": "few-shot as multi-turn"}
+SHOWN_PROMPT = 40
 DATA_CONFIG_KEYS = ("dataset_path", "dataset_name", "dataset_kwargs", "test_split", "validation_split")
 CHART_BARS = 10
 
@@ -175,6 +180,7 @@ def leaf_mismatches(task: str, base: ModelResults, other: ModelResults) -> list[
         reasons.append("n-shot not recorded")
     elif shots[0] != shots[1]:
         reasons.append(f"n-shot {shots[0]} vs {shots[1]}")
+    reasons += prompt_mismatches(base, other)
     counts = (base.n_samples(task), other.n_samples(task))
     if counts[0].get("effective") != counts[1].get("effective"):
         reasons.append(f"samples {counts[0].get('effective', '—')} vs {counts[1].get('effective', '—')}")
@@ -190,6 +196,26 @@ def leaf_mismatches(task: str, base: ModelResults, other: ModelResults) -> list[
     elif _data_source(base, task) != _data_source(other, task):
         reasons.append("different data source")
     return reasons
+
+
+def prompt_mismatches(base: ModelResults, other: ModelResults, keys: tuple[str, ...] = PROMPT_SETTINGS) -> list[str]:
+    """The prompt settings (system prompt, few-shot as multi-turn) two results files differ in: the model saw
+    other prompts, so its scores are not compared, as with another n-shot."""
+    reasons = []
+    for key in keys:
+        values = [recorded_setting(model.settings, key) for model in (base, other)]
+        if values[0] != values[1]:
+            reasons.append(f"{PROMPT_LABELS[key]} {_setting_text(values[0])} vs {_setting_text(values[1])}")
+    return reasons
+
+
+def _setting_text(value: Any) -> str:
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    text = str(value)
+    return repr(text if len(text) <= SHOWN_PROMPT else text[:SHOWN_PROMPT] + "…")
 
 
 def mismatches(tree: TaskTree, task: str, base: ModelResults, other: ModelResults) -> list[str]:
@@ -329,7 +355,8 @@ def settings_differences(models: list[ModelResults]) -> list[tuple[str, list[Any
     """Eval settings (provenance.settings) that are not the same for every model."""
     differing = []
     for key in COMPARED_SETTINGS:
-        values = [m.settings.get(key, "not recorded") for m in models]
+        values = [recorded_setting(m.settings, key) if key in LATER_SETTINGS else m.settings.get(key, "not recorded")
+                  for m in models]
         if any(v != values[0] for v in values[1:]):
             differing.append((key, values))
     return differing
@@ -404,7 +431,8 @@ def _generation_row(models: list[ModelResults], base: int, index: int) -> Genera
     metrics, stderr = gen.get("metrics") or {}, gen.get("stderr") or {}
     scores = {k: Score(metrics[k] if is_number(metrics.get(k)) else None,
                        stderr[k] if is_number(stderr.get(k)) else None) for k in GEN_METRICS}
-    flags = [] if index == base else _generation_mismatches(ref, gen)
+    flags = [] if index == base else [*_generation_mismatches(ref, gen),
+                                      *prompt_mismatches(models[base], models[index], ("system_prompt",))]
     changes: dict[str, Change | None] = dict.fromkeys(GEN_METRICS)
     if index != base and not flags:
         base_metrics, base_stderr = ref.get("metrics") or {}, ref.get("stderr") or {}
@@ -458,6 +486,7 @@ TRAIN_ENTRIES = 64  # resolved options are the point of the section: show them a
 class Training:
     run: TrainRun
     chart: Markup | None
+    margins: Markup | None  # a preference run's reward margin by step, beside the loss
     headline: list[tuple[str, Any]]
     metrics: list[tuple[str, str]]
     options: list[tuple[str, str]]
@@ -494,6 +523,7 @@ def flatten(data: dict[str, Any], prefix: str = "", depth: int = 0,
 
 def training_section(run: TrainRun) -> Training:
     chart = svg.loss_chart(run.log, f"Loss by step: {run.path.name}")
+    margins = svg.margin_chart(run.log, f"Chosen-vs-rejected reward margin by step: {run.path.name}")
     metrics = run.metrics or {}
     headline = [(key, metrics[key]) for key in HEADLINE_TRAIN if is_number(metrics.get(key))]
     if not any(key == "tokens_per_s" for key, _ in headline):
@@ -501,7 +531,7 @@ def training_section(run: TrainRun) -> Training:
         if speeds:
             headline.append(("tokens_per_s (last logged)", speeds[-1]))
     adapter = {k: v for k, v in (run.adapter_config or {}).items() if v not in (None, {}, [], "")}
-    return Training(run, chart, headline, flatten(metrics, max_entries=TRAIN_ENTRIES),
+    return Training(run, chart, margins, headline, flatten(metrics, max_entries=TRAIN_ENTRIES),
                     flatten(run.args, max_entries=TRAIN_ENTRIES), flatten(adapter, max_entries=TRAIN_ENTRIES))
 
 
