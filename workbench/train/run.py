@@ -471,11 +471,14 @@ def _load_model(base: str, compute: torch.dtype, strategy: str | None, trust_rem
                 quantization=None, device: torch.device | None = None):
     """The base model in the compute dtype (fp32 under FSDP, whose mixed precision casts per layer);
     with a bitsandbytes `quantization` config, quantized on this process's device and prepared for
-    k-bit training (adapters.prepare_quantized)."""
+    k-bit training (adapters.prepare_quantized); on the CPU the C heap is first told to give large
+    freed buffers back (adapters.limit_heap_retention)."""
     from transformers import AutoModelForCausalLM
 
     load_dtype = torch.float32 if strategy == "fsdp" else compute
     placed = {} if quantization is None else {"quantization_config": quantization, "device_map": {"": device}}
+    if quantization is not None and device is not None and device.type == "cpu":
+        adapters.limit_heap_retention()  # before loading: the load's transient buffers are given back too
     try:
         model = AutoModelForCausalLM.from_pretrained(base, dtype=load_dtype, trust_remote_code=trust_remote_code,
                                                      **placed)
