@@ -18,7 +18,8 @@ from tiny import make_model, save_layout, state_dict_for_files
 
 from workbench.cli import wb
 from workbench.errors import WorkbenchError
-from workbench.train.pref_data import PrefSource, encode_pairs, infer_seqlen, load_pairs
+from workbench.train.datasets import DataSource
+from workbench.train.pref_data import encode_pairs, infer_seqlen, load_pairs
 from workbench.train.templates import resolve_template
 
 WORDS = ["Paris", "Rome", "four", "dress", "answer", "simple"]
@@ -202,7 +203,7 @@ def test_each_loss_trains_and_its_first_step_is_trls_formula(loss, learn_model, 
     from workbench.train.pref_data import encode_pairs as encode
 
     chat = resolve_template("auto", tiny_tokenizer, "tiny")
-    examples = encode(load_pairs([PrefSource(data)]).pairs, chat, tiny_tokenizer, 64).examples
+    examples = encode(load_pairs([DataSource(data)]).pairs, chat, tiny_tokenizer, 64).examples
     beta, gamma = 0.2, 0.3
     if loss in ("sigmoid", "hinge"):  # fresh LoRA: policy == reference, every log ratio is 0
         expected = math.log(2) if loss == "sigmoid" else 1.0
@@ -259,7 +260,7 @@ def test_sft_then_dpo_from_the_adapter_is_one_adapter_that_merges(learn_model, p
     from workbench.train.templates import resolve_template as resolve
 
     tokenizer = __import__("transformers").AutoTokenizer.from_pretrained(learn_model)
-    examples = encode(load_pairs([PrefSource(data)]).pairs, resolve("auto", tokenizer, "t"), tokenizer, 64).examples
+    examples = encode(load_pairs([DataSource(data)]).pairs, resolve("auto", tokenizer, "t"), tokenizer, 64).examples
     base_c, base_r, _ = _answer_logps(learn_model, examples, mean=False)
     merged_sft = tmp_path / "sft-merged"
     assert CliRunner().invoke(wb, ["merge", "--base", str(learn_model), "--adapter", str(sft), "--out",
@@ -296,7 +297,7 @@ def test_the_formats_give_the_same_pairs(tmp_path):
               {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Say A\nnow"}]
     pairs.write_text(json.dumps({"prompt": prompt, "chosen": [{"role": "assistant", "content": "A"}],
                                  "rejected": "B"}) + "\n")
-    loaded = load_pairs([PrefSource(alpaca), PrefSource(sharegpt), PrefSource(pairs)])
+    loaded = load_pairs([DataSource(alpaca), DataSource(sharegpt), DataSource(pairs)])
     assert [f.format for f in loaded.files] == ["alpaca", "sharegpt", "pairs"]
     first = loaded.pairs[0]
     assert first.prompt == prompt and first.chosen == {"role": "assistant", "content": "A"}
@@ -308,7 +309,7 @@ def test_bad_records_are_dropped_and_named_by_file_and_line(tmp_path):
     lines = [{"prompt": "Q", "chosen": "A", "rejected": "B"}, {"prompt": "Q", "chosen": "A"},
              {"prompt": "Q", "chosen": "same", "rejected": "same"}, {"prompt": "Q", "chosen": 3, "rejected": "B"}]
     path.write_text("\n".join(json.dumps(x) for x in lines) + "\n\n" + json.dumps(lines[1]) + "\n")
-    loaded = load_pairs([PrefSource(path)])
+    loaded = load_pairs([DataSource(path)])
     assert len(loaded.pairs) == 1
     assert loaded.files[0].dropped == {f"missing chosen/rejected (first: {path}:2)": 2,
                                        f"chosen equals rejected (first: {path}:3)": 1,
@@ -316,7 +317,7 @@ def test_bad_records_are_dropped_and_named_by_file_and_line(tmp_path):
     bad = tmp_path / "broken.jsonl"
     bad.write_text(json.dumps(lines[0]) + "\n[1, 2]\n")
     with pytest.raises(WorkbenchError, match="must be an object") as info:
-        load_pairs([PrefSource(bad)])
+        load_pairs([DataSource(bad)])
     assert info.value.path == f"{bad}:2"
 
 
@@ -359,8 +360,8 @@ def test_real_tokenizers_prompt_ids_are_the_generation_prompt(name):
     chat = resolve_template("auto", tokenizer, name)
     data = shared_path("data", "llamafactory", "dpo_zh_demo.json")
     records = json.loads(data.read_text())[:6]
-    loaded = load_pairs([PrefSource(data, "sharegpt", {"messages": "conversations", "chosen": "chosen",
-                                                       "rejected": "rejected"})], max_samples=6)
+    loaded = load_pairs([DataSource(data, formatting="sharegpt", columns={"messages": "conversations",
+                                                                            "chosen": "chosen", "rejected": "rejected"})], max_samples=6)
     encoded = encode_pairs(loaded.pairs, chat, tokenizer, 128)
     assert len(encoded.examples) == len(records) and encoded.truncated >= 1
     for pair, example in zip(loaded.pairs, encoded.examples):

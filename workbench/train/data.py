@@ -59,6 +59,11 @@ class DataFile:
     records: int
     kept: int
     dropped: dict[str, int] = field(default_factory=dict)
+    dataset: str | None = None  # its dataset_info.json name, when it was given by name
+
+    def label(self) -> str:
+        """How `wb train` names it: `identity: data/identity.json`, or the path alone."""
+        return f"{self.dataset}: {self.path}" if self.dataset else self.path
 
 
 @dataclass
@@ -115,8 +120,8 @@ def load_conversations(
                 kept += 1
             except Dropped as reason:
                 dropped[str(reason)] += 1
-        name = f"{source.name}: {path}" if source is not None else str(path)
-        files.append(DataFile(name, hashlib.sha256(raw).hexdigest(), file_fmt, len(records), kept, dict(dropped)))
+        files.append(DataFile(str(path), hashlib.sha256(raw).hexdigest(), file_fmt, len(records), kept, dict(dropped),
+                              source.name if source is not None else None))
     if not conversations:
         reasons = Counter()
         for f in files:

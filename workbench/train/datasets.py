@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from workbench.errors import WorkbenchError
@@ -32,12 +32,14 @@ DATA_SUFFIXES = (".json", ".jsonl")
 
 @dataclass
 class DataSource:
+    """One file to read and how: a plain --data file (the defaults) or a dataset_info.json entry."""
+
     path: Path                 # the file to read
-    name: str | None           # dataset_info name, None for a plain file
-    formatting: str            # "auto" | "alpaca" | "sharegpt" (plain files: "auto")
-    columns: dict[str, str]    # LLaMA-Factory column map (empty: the format's defaults)
-    tags: dict[str, str]       # LLaMA-Factory sharegpt tags (empty: defaults)
-    ranking: bool              # a preference dataset (chosen/rejected)
+    name: str | None = None    # dataset_info name, None for a plain file
+    formatting: str = "auto"   # "auto" | "alpaca" | "sharegpt" (plain files: "auto")
+    columns: dict[str, str] = field(default_factory=dict)  # LLaMA-Factory column map (empty: the format's defaults)
+    tags: dict[str, str] = field(default_factory=dict)     # LLaMA-Factory sharegpt tags (empty: defaults)
+    ranking: bool = False      # a preference dataset (chosen/rejected)
 
 
 def default_dataset_dir(cwd: Path | None = None) -> Path | None:

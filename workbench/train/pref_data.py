@@ -44,6 +44,7 @@ from workbench.train.data import (
     _parse_records,
     _read_bytes,
 )
+from workbench.train.datasets import DataSource
 from workbench.train.templates import ChatTemplate
 
 PREF_FORMATS = ("auto", "alpaca", "sharegpt", "pairs")
@@ -85,17 +86,7 @@ class EncodedPairs:
                 "tokens": tokens, "learned_tokens": learned}
 
 
-@dataclass
-class PrefSource:
-    """One preference file and how to read it (from --data, or a dataset_info.json entry)."""
-
-    path: Path
-    formatting: str = "auto"
-    columns: dict[str, str] = field(default_factory=dict)
-    tags: dict[str, str] = field(default_factory=dict)
-
-
-def load_pairs(sources: list[PrefSource], max_samples: int | None = None) -> LoadedPairs:
+def load_pairs(sources: list[DataSource], max_samples: int | None = None) -> LoadedPairs:
     """Read every file (its first `max_samples` records), detect its format, convert and filter."""
     files: list[DataFile] = []
     pairs: list[Pair] = []
@@ -117,7 +108,7 @@ def load_pairs(sources: list[PrefSource], max_samples: int | None = None) -> Loa
                 first.setdefault(str(reason), place)
         counted = {f"{reason} (first: {first[reason]})": n for reason, n in dropped.items()}
         files.append(DataFile(str(source.path), hashlib.sha256(raw).hexdigest(), fmt, len(records),
-                              len(records) - sum(dropped.values()), counted))
+                              len(records) - sum(dropped.values()), counted, source.name))
     if not pairs:
         reasons = Counter()
         for f in files:

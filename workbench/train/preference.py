@@ -34,10 +34,12 @@ import contextlib
 import functools
 import warnings
 from collections.abc import Iterator
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from workbench.errors import WorkbenchError
-from workbench.train.pref_data import PREF_FORMATS, PrefSource, encode_pairs, load_pairs
+from workbench.train.datasets import DataSource
+from workbench.train.pref_data import PREF_FORMATS, encode_pairs, load_pairs
 
 if TYPE_CHECKING:
     from workbench.train.run import Data, Run
@@ -56,7 +58,7 @@ def load_preference_data(run: Run) -> Data:
     o = run.options
     if o["train_on_prompt"]:
         raise WorkbenchError("--train-on-prompt applies to --stage sft: preference losses score the answers only")
-    loaded = load_pairs(_sources(o), o["max_samples"])
+    loaded = load_pairs(_sources(run.data, o["fmt"]), o["max_samples"])
     tokenizer = load_run_tokenizer(run)
     chat = resolve_template(o["template"], tokenizer, run.base)
     encoded = encode_pairs(loaded.pairs, chat, tokenizer, o["cutoff_len"])
@@ -72,21 +74,15 @@ def load_preference_data(run: Run) -> Data:
     return Data(loaded, encoded, chat, tokenizer, train_set, val_set)
 
 
-def _sources(o: dict) -> list[PrefSource]:
-    """--data items (files, or names in --dataset-dir's dataset_info.json) as preference sources."""
-    from workbench.train.datasets import resolve_sources
-
-    fmt = o["fmt"]
+def _sources(sources: list[DataSource], fmt: str) -> list[DataSource]:
+    """The resolved --data sources, checked to be preference data; --format applies to plain files."""
     if fmt not in PREF_FORMATS:
         raise WorkbenchError(f"--format {fmt} is not a preference format; use one of {', '.join(PREF_FORMATS)}")
-    sources = []
-    for source in resolve_sources(o["data"], o.get("dataset_dir")):
+    for source in sources:
         if source.name is not None and not source.ranking:
             raise WorkbenchError(f"dataset {source.name!r} is not a preference dataset (dataset_info.json has no "
                                  "\"ranking\": true); --stage dpo needs chosen/rejected pairs", source.path)
-        formatting = source.formatting if source.formatting != "auto" else fmt
-        sources.append(PrefSource(source.path, formatting, dict(source.columns), dict(source.tags)))
-    return sources
+    return [replace(s, formatting=fmt) if s.formatting == "auto" else s for s in sources]
 
 
 def preference_config(o: dict, device_type: str) -> tuple[type, dict[str, Any]]:

@@ -597,7 +597,7 @@ def _fingerprint(base: str) -> dict:
 def _describe(say, data: Data, o: dict, world: int) -> None:
     """What will be trained on, and by how many processes."""
     for f in data.loaded.files:
-        say(f"data: {f.path}: {f.records} records ({f.format}), {f.kept} kept")
+        say(f"data: {f.label()}: {f.records} records ({f.format}), {f.kept} kept")
     unit = "preference pairs" if o["stage"] == "dpo" else "examples"
     say(f"template: {data.chat.name} (end of turn {data.chat.eot_token}); {len(data.encoded.examples)} {unit}: "
         f"{len(data.train)} train, {len(data.val)} validation; {data.encoded.truncated} truncated to "
