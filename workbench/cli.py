@@ -590,10 +590,26 @@ def merge(config, base, adapters, weights, method, density, params, tokenizer_so
 @json_option
 @click.pass_context
 def eval_command(ctx, model, adapter, out, nproc, force, as_json, **evaluation):
-    """Score a model (and adapter) on lm-eval benchmarks and with ROUGE/BLEU; write RESULTS.json."""
+    """Score a model (and adapter) on lm-eval benchmarks and with ROUGE/BLEU; write RESULTS.json.
+
+    With --nproc N the inputs and outputs are checked here, then the same command runs under
+    `accelerate launch` with N processes (as under `accelerate launch -m workbench eval ...`): each
+    scores its share of the questions and records, rank 0 writes the files and prints.
+    """
     from workbench.evals.run import evaluate
     from workbench.provenance import command_line
+    from workbench.train.launch import relaunch
 
+    if nproc is not None:
+        from workbench.errors import WorkbenchError
+        from workbench.evals.parallel import current, run_launcher
+
+        if current().size > 1:
+            raise WorkbenchError("--nproc launches the processes itself: leave it out under accelerate launch")
+        evaluate(model, adapter=adapter, out=out, force=force, check_only=True, **evaluation)
+        debug = ctx.obj.get("debug", False)
+        ctx.exit(relaunch(ctx.command, ctx.params, nproc, "ddp", debug=debug,
+                          run=lambda launch: run_launcher(launch, debug)))
     emit(evaluate(model, adapter=adapter, out=out, force=force, command=command_line(), **evaluation), as_json)
 
 

@@ -9,7 +9,9 @@ batch pads little, and the longest batch runs first, so running out of memory sh
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +28,7 @@ class Generated:
     texts: list[str]  # one per prompt, in the order given
     new_tokens: int  # tokens generated, up to and including each end-of-sequence token
     seconds: float
+    counts: list[int] | None = None  # new tokens of each prompt, where the generator reports them
 
     @property
     def tokens_per_s(self) -> float:
@@ -51,8 +54,13 @@ def generate(
     max_new_tokens: int,
     batch_size: int | None = None,
     add_special_tokens: bool = True,
+    on_batch: Callable[[list[int], list[str], list[int]], None] | None = None,
 ) -> Generated:
-    """Greedy continuations of `prompts` (texts, already in the chat template if one is used)."""
+    """Greedy continuations of `prompts` (texts, already in the chat template if one is used).
+
+    on_batch(indices, texts, new token counts) is called after each batch (`wb eval` caches the answers
+    and counts them on its own bar); without it, a bar of this call's prompts shows.
+    """
     device = next(model.parameters()).device
     auto = batch_size is None
     size = (CUDA_START_BATCH if device.type == "cuda" else CPU_BATCH) if auto else batch_size
@@ -61,9 +69,10 @@ def generate(
     lengths = [len(ids) for ids in tokenizer(prompts, add_special_tokens=add_special_tokens)["input_ids"]]
     order = sorted(range(len(prompts)), key=lambda i: -lengths[i])
     texts: list[str] = [""] * len(prompts)
-    new_tokens = 0
+    per_prompt = [0] * len(prompts)
     started = time.perf_counter()
-    with progress_bar(len(prompts), "generate", unit="prompt") as bar:
+    own_bar = progress_bar(len(prompts), "generate", unit="prompt") if on_batch is None else None
+    with own_bar or contextlib.nullcontext():
         start = 0
         while start < len(order):
             batch = order[start : start + size]
@@ -75,13 +84,20 @@ def generate(
                 size //= 2
                 torch.cuda.empty_cache()
                 continue
+            counts = []
             for index, generated in zip(batch, outputs):
                 kept = until_eos(generated, eos)
-                new_tokens += len(kept)
+                counts.append(len(kept))
                 texts[index] = tokenizer.decode(kept, skip_special_tokens=True).strip()
-            bar.update(len(batch))
+            for index, count in zip(batch, counts):
+                per_prompt[index] = count
+            if on_batch is not None:
+                on_batch(batch, [texts[i] for i in batch], counts)
+            else:
+                own_bar.update(len(batch))
             start += len(batch)
-    return Generated(texts=texts, new_tokens=new_tokens, seconds=time.perf_counter() - started)
+    return Generated(texts=texts, new_tokens=sum(per_prompt), seconds=time.perf_counter() - started,
+                     counts=per_prompt)
 
 
 @torch.inference_mode()

@@ -19,6 +19,9 @@ from pathlib import Path
 
 from workbench import provenance
 from workbench.errors import WorkbenchError
+from workbench.evals import parallel
+from workbench.evals.backends import BackendOptions
+from workbench.evals.cache import RequestLayer, RequestStore, model_key, summed_counts
 from workbench.evals.results import LM_EVAL_KEYS, RESULTS_VERSION
 from workbench.io.hashing import sha256_file
 from workbench.io.jsonfile import read_model_config
@@ -44,6 +47,9 @@ class _Plan:
     device: object  # torch.device
     dtype: object  # torch.dtype
     lm_batch: int | str
+    backend: BackendOptions = BackendOptions()
+    system_prompt: str | None = None
+    fewshot_as_multiturn: bool = False
 
 
 def evaluate(
@@ -75,7 +81,8 @@ def evaluate(
     out: Path,
     force: bool = False,
     command: str | None = None,
-) -> EvalResult:
+    check_only: bool = False,
+) -> EvalResult | parallel.OtherRank | None:
     """Evaluate `model` (with `adapter`, unmerged) and write RESULTS.json to `out`; returns its content.
 
     tasks: lm-eval task/group names ("ceval" means "ceval-valid"); empty means the benchmarks of
@@ -87,23 +94,56 @@ def evaluate(
     lm-eval's default for other tasks. chat_template None: generation uses the tokenizer's template
     when it has one, benchmarks are scored without (as published base-model scores are);
     True/False: both with/without. batch_size "auto": lm-eval's detection (benchmarks) and 64 halved
-    on out-of-memory (generation) on CUDA; 8 and 16 on CPU.
+    on out-of-memory (generation) on CUDA; 8 and 16 on CPU. cache: a folder keeping every answer
+    (evals/cache.py), so a killed run re-run with the same settings computes only what is missing.
+    check_only: check every input and output, load nothing, return None (`wb eval --nproc`'s parent).
+    Under `accelerate launch` each process scores its share (evals/parallel.py) and a rank other than 0
+    returns an OtherRank, having written nothing.
     """
     started, clock = datetime.now().astimezone(), time.perf_counter()
     plan = _plan(model, adapter, tasks, data_dir, gen_data, limit, num_fewshot, max_new_tokens, batch_size,
-                 device, dtype, out, force)
-    with quiet_libraries():
-        from workbench.evals.tasks import load_tasks
+                 device, dtype, out, force, chat_template=chat_template, system_prompt=system_prompt,
+                 fewshot_as_multiturn=fewshot_as_multiturn,
+                 backend=BackendOptions(backend, parallelize, max_memory_per_gpu, offload_folder, tensor_parallel_size,
+                                        data_parallel_size, gpu_memory_utilization, max_model_len))
+    if check_only:  # the parent of `wb eval --nproc`: everything is checked before a process starts
+        return None
+    world = parallel.current()
+    parallel.start(world, plan.device.type)
+    progress = parallel.Progress(world)
+    cache_dir = Path(cache) if cache is not None else None
+    try:
+        with quiet_libraries(), parallel.quiet_lm_eval_bars():
+            from workbench.evals.tasks import load_tasks
 
-        task_objects = load_tasks(plan.names, plan.local, num_fewshot) if plan.names else []
-        tokenizer = check_model_files(plan.model, plan.adapter, trust_remote_code)
-        fingerprints = _fingerprints(plan.model, plan.adapter)
-        lm = _load_lm(plan, trust_remote_code, tokenizer)
-        use_template = _chat_template_choice(chat_template, lm.tokenizer)
-        lm_results = _run_lm_eval(lm, task_objects, num_fewshot, limit, plan.lm_batch, chat_template is True) if plan.names else {}
-        generated = _run_generation(lm, plan.items, max_new_tokens, batch_size, use_template) if plan.gen_path else None
+            task_objects = load_tasks(plan.names, plan.local, num_fewshot) if plan.names else []
+            tokenizer = check_model_files(plan.model, plan.adapter, trust_remote_code)
+            fingerprints = _fingerprints(plan.model, plan.adapter)
+            answers_key = model_key(fingerprints, str(plan.dtype).removeprefix("torch."), plan.device.type,
+                                    plan.backend.name)
+            store = RequestStore(cache_dir, answers_key, world.rank) if cache_dir is not None and plan.names else None
+            lm = _load_lm(plan, trust_remote_code, tokenizer)
+            parallel.adopt(lm, world)
+            use_template = _chat_template_choice(chat_template, lm.tokenizer)
+            layer = RequestLayer(lm, store, progress, task_objects)
+            try:
+                lm_results = _run_lm_eval(lm, task_objects, num_fewshot, limit, plan.lm_batch, chat_template is True,
+                                          system_instruction=plan.system_prompt,
+                                          fewshot_as_multiturn=plan.fewshot_as_multiturn) if plan.names else {}
+            finally:
+                layer.close()
+            generated = _run_generation(lm, plan.items, max_new_tokens, batch_size, use_template,
+                                        system_prompt=plan.system_prompt, world=world, progress=progress,
+                                        cache=(cache_dir, answers_key)) if plan.gen_path else None
+            lm_counts = parallel.gather(layer.counts, world)  # after every rank's last request
+            done, total = progress.counts()
+    finally:
+        progress.close()
+    if not world.main:
+        return parallel.OtherRank(world)
 
-    samples = lm_results.pop("samples", None)
+    samples = {task: sorted(records, key=lambda record: record["doc_id"])  # rank by rank -> document order
+               for task, records in (lm_results.pop("samples", None) or {}).items()}
     _complete_nested_groups(lm_results)
     results: dict = {
         "wb_results_version": RESULTS_VERSION,
@@ -112,8 +152,10 @@ def evaluate(
         "generation": None,
         "samples_file": plan.samples_path.name if plan.samples_path else None,
     }
+    gen_counts = None
     if generated is not None:
-        block = generated[1]
+        block = dict(generated[1])
+        gen_counts = block.pop("cache")
         block.update(data=str(plan.gen_path.resolve()), data_sha256=sha256_file(plan.gen_path),
                      predictions_file=plan.predictions_path.name)
         results["generation"] = block
@@ -125,8 +167,13 @@ def evaluate(
         "duration_s": round(time.perf_counter() - clock, 2),
     }
     results["provenance"]["settings"] = _settings(plan, options)
+    results["provenance"]["world_size"] = world.size
+    results["provenance"]["requests"] = {"done": done, "total": total}
+    if cache_dir is not None:
+        results["provenance"]["cache"] = {"dir": str(cache_dir.resolve()), "lm_eval": summed_counts(lm_counts) if plan.names else None,
+                                          "generation": gen_counts}
     if plan.samples_path is not None:
-        _write_jsonl(plan.samples_path, _sample_rows(samples or {}), force)
+        _write_jsonl(plan.samples_path, _sample_rows(samples), force)
     if generated is not None:
         _write_jsonl(plan.predictions_path, generated[0], force)
     text = json.dumps(results, indent=2, ensure_ascii=False, default=_json_default) + "\n"
@@ -136,14 +183,18 @@ def evaluate(
 
 
 def _plan(model, adapter, tasks, data_dir, gen_data, limit, num_fewshot, max_new_tokens, batch_size, device, dtype,
-          out, force) -> _Plan:
+          out, force, *, chat_template: bool | None = None, system_prompt: str | None = None,
+          fewshot_as_multiturn: bool = False, backend: BackendOptions | None = None) -> _Plan:
     """Check every input and output path, read the data files; fail before any model is loaded."""
     from workbench.dtypes import resolve_compute_dtype, resolve_device
+
+    backend = backend or BackendOptions()
 
     model, out = Path(model), Path(out)
     adapter = Path(adapter) if adapter is not None else None
     gen_path = Path(gen_data) if gen_data is not None else None
     _check_inputs(model, adapter, gen_path, max_new_tokens, limit, num_fewshot)
+    _check_chat_settings(system_prompt, fewshot_as_multiturn, chat_template)
     requested = _requested_names(tasks)
     local = _open_data_dirs([data_dir] if isinstance(data_dir, (str, Path)) else list(data_dir or ()), requested)
     names = _task_names(requested, local)
@@ -157,12 +208,55 @@ def _plan(model, adapter, tasks, data_dir, gen_data, limit, num_fewshot, max_new
             check_can_write(target, force)
             check_not_input(target, inputs)
     torch_device = resolve_device(device)
+    _check_backend(backend, torch_device)
+    if backend.offload_folder is not None:
+        check_not_input(Path(backend.offload_folder), inputs)
     return _Plan(
         model=model, adapter=adapter, gen_path=gen_path, local=local, names=names,
         items=_gen_items(gen_path), out=out, samples_path=samples_path, predictions_path=predictions_path,
         device=torch_device, dtype=resolve_compute_dtype(dtype, torch_device),
         lm_batch=_lm_eval_batch(batch_size, torch_device.type),
+        backend=backend, system_prompt=system_prompt, fewshot_as_multiturn=fewshot_as_multiturn,
     )
+
+
+def check_options(device: str, chat_template: bool | None, system_prompt: str | None, fewshot_as_multiturn: bool,
+                  backend: BackendOptions) -> None:
+    """The checks of `evaluate`'s options that read no file: `wb compare` makes them once, before it
+    evaluates the first model."""
+    from workbench.dtypes import resolve_device
+
+    _check_chat_settings(system_prompt, fewshot_as_multiturn, chat_template)
+    _check_backend(backend, resolve_device(device))
+
+
+def _check_chat_settings(system_prompt: str | None, fewshot_as_multiturn: bool, chat_template: bool | None) -> None:
+    if system_prompt is not None and not system_prompt.strip():
+        raise WorkbenchError("--system-prompt is empty")
+    if fewshot_as_multiturn and chat_template is not True:
+        raise WorkbenchError("--fewshot-as-multiturn needs --chat-template: the few-shot examples become chat turns")
+
+
+def _check_backend(backend: BackendOptions, device) -> None:
+    """The backend options checked against this machine and launch (`--nproc` runs under a launcher)."""
+    import torch
+
+    from workbench.evals.backends import check_backend, launcher_world_size, vllm_installed
+
+    check_backend(backend, device_type=device.type, cuda_available=torch.cuda.is_available(),
+                  world_size=launcher_world_size(), vllm_installed=backend.name != "vllm" or vllm_installed())
+
+
+def with_system_prompt(items: list, system_prompt: str | None) -> list:
+    """--gen-data records with `system_prompt` as their system message: before a record's own system text
+    (a blank line between), as lm-eval puts its system_instruction before a task's description. With a
+    chat template it is the template's system turn; without one, the first line of the plain prompt."""
+    if system_prompt is None:
+        return items
+    from dataclasses import replace
+
+    return [replace(item, system=f"{system_prompt}\n\n{item.system}" if item.system else system_prompt)
+            for item in items]
 
 
 def scores(metrics: dict) -> dict[str, float]:
@@ -436,15 +530,23 @@ def one_line(exc: BaseException, limit: int = 400) -> str:
 
 
 def _load_lm(plan: _Plan, trust_remote_code: bool, tokenizer=None):
-    """lm-eval's HFLM: the model (with the adapter as a PeftModel, unmerged) and its tokenizer.
+    """lm-eval's HFLM: the model (with the adapter as a PeftModel, unmerged) and its tokenizer; with
+    --backend vllm, lm-eval's VLLM (the adapter through vLLM's LoRA support).
 
     The tokenizer comes from the adapter folder when it has one (a fine-tune may add tokens or a
     chat template), else from the model folder; `tokenizer` is that one, loaded already.
     """
     import transformers
-    from lm_eval.models.huggingface import HFLM
+
+    from workbench.evals import backends
 
     model, adapter = plan.model, plan.adapter
+    if plan.backend.name == "vllm":
+        return backends.load_vllm(backends.vllm_model_args(
+            model, adapter, tokenizer_folder(model, adapter), str(plan.dtype).removeprefix("torch."), plan.lm_batch,
+            plan.backend, trust_remote_code))
+    from lm_eval.models.huggingface import HFLM
+
     if not isinstance(tokenizer, (transformers.PreTrainedTokenizer, transformers.PreTrainedTokenizerFast)):
         tokenizer = str(tokenizer_folder(model, adapter).resolve())  # HFLM takes only these two classes as objects
     try:
@@ -456,6 +558,7 @@ def _load_lm(plan: _Plan, trust_remote_code: bool, tokenizer=None):
             dtype=plan.dtype,
             batch_size=plan.lm_batch,
             trust_remote_code=trust_remote_code,
+            **backends.hf_model_args(plan.backend),
         )
     except RuntimeError as exc:  # peft loading a state dict of other shapes; anything else is unexpected
         mismatches = [line.strip() for line in str(exc).splitlines() if "size mismatch" in line]
@@ -478,7 +581,8 @@ def _chat_template_choice(chat_template: bool | None, tokenizer) -> bool:
 
 
 # -- lm-eval ---------------------------------------------------------------------------------------
-def _run_lm_eval(lm, task_objects: list, num_fewshot: int | None, limit: int | None, batch, chat: bool) -> dict:
+def _run_lm_eval(lm, task_objects: list, num_fewshot: int | None, limit: int | None, batch, chat: bool, *,
+                 system_instruction: str | None = None, fewshot_as_multiturn: bool = False) -> dict:
     from lm_eval import simple_evaluate
 
     from workbench.evals.tasks import task_manager
@@ -492,6 +596,8 @@ def _run_lm_eval(lm, task_objects: list, num_fewshot: int | None, limit: int | N
             batch_size=batch,
             log_samples=True,
             apply_chat_template=chat,
+            system_instruction=system_instruction,
+            fewshot_as_multiturn=fewshot_as_multiturn,  # explicit: simple_evaluate's own default is True
             task_manager=task_manager(False),  # tasks come built; spare lm-eval its full index
         )
     except (AssertionError, ValueError) as exc:  # e.g. more shots asked for than the dev split has
@@ -554,34 +660,105 @@ def _answer(responses: list) -> dict:
 
 
 # -- generation ------------------------------------------------------------------------------------
-def _run_generation(lm, items: list, max_new_tokens: int, batch_size, use_template: bool) -> tuple[list[dict], dict]:
-    from workbench.evals.generate import generate
+def _run_generation(lm, items: list, max_new_tokens: int, batch_size, use_template: bool, *,
+                    system_prompt: str | None = None, world: parallel.World | None = None, progress=None,
+                    cache: tuple[Path | None, str] | None = None) -> tuple[list[dict], dict] | None:
+    """Greedy answers to `items`, scored: (prediction rows, the RESULTS.json block) on rank 0, None elsewhere.
+
+    Each rank generates every world.size-th record (parallel.shard); the answers are gathered to rank 0
+    in the records' order. cache (folder, model key): answers found there are not generated again, new
+    ones are appended as each batch ends; the block's "cache" entry counts them.
+    """
     from workbench.evals.genmetrics import score, summarize
 
-    tokenizer = lm.tokenizer
-    if use_template:
-        prompts = [tokenizer.apply_chat_template(i.messages(), tokenize=False, add_generation_prompt=True) for i in items]
-    else:
-        prompts = [item.plain_text() for item in items]
-    size = None if batch_size == "auto" else int(batch_size)
-    output = generate(lm.model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=size,
-                      add_special_tokens=not use_template)
+    world = world or parallel.World(0, 1)
+    progress = progress or parallel.Progress(world)
+    add_special_tokens = not use_template
+    prompts = _gen_prompts(lm.tokenizer, items, use_template, system_prompt)
+    store = _generation_store(cache, world, max_new_tokens, use_template, add_special_tokens)
+    known = store.load() if store is not None else {}
+    parallel.barrier(world)  # every rank has read the cache files before any rank appends to its own
+    mine = parallel.shard(len(items), world)
+    answers = {index: known[prompts[index]] for index in mine if prompts[index] in known}
+    todo = [index for index in mine if index not in answers]
+    progress.add_total(len(mine))
+    progress.advance(len(answers))
+    started = time.perf_counter()
+    computed_tokens = _generate_missing(lm, [prompts[i] for i in todo], max_new_tokens, batch_size,
+                                        add_special_tokens, store, progress, answers, todo)
+    parts = parallel.gather(({index: answers[index] for index in mine}, computed_tokens, len(mine) - len(todo),
+                             sum(store.skipped.values()) if store is not None else 0), world)
+    seconds = time.perf_counter() - started
+    if not world.main:
+        return None
+    merged = {index: answer for part in parts for index, answer in part[0].items()}
     rows, per_sample = [], []
-    for item, prediction in zip(items, output.texts):
+    for index, item in enumerate(items):
+        prediction = merged[index][0]
         scores = score(prediction, item.reference)
         per_sample.append(scores)
         rows.append({"id": item.id, "prompt": item.prompt, "reference": item.reference, "prediction": prediction, **scores})
     means, errors = summarize(per_sample)
+    computed = sum(part[1] for part in parts)
     block = {
         "n": len(items),
         "max_new_tokens": max_new_tokens,
         "chat_template": use_template,
         "metrics": means,
         "stderr": errors,
-        "new_tokens": output.new_tokens,
-        "tokens_per_s": round(output.tokens_per_s, 2),
+        "new_tokens": sum(answer[1] for answer in merged.values()),
+        "tokens_per_s": round(computed / seconds, 2) if seconds > 0 else 0.0,
+        "cache": {"requests": len(items), "from_cache": sum(part[2] for part in parts),
+                  "skipped_lines": sum(part[3] for part in parts)} if store is not None else None,
     }
     return rows, block
+
+
+def _gen_prompts(tokenizer, items: list, use_template: bool, system_prompt: str | None) -> list[str]:
+    """Each record's prompt text; --system-prompt leads its system turn (with_system_prompt)."""
+    items = with_system_prompt(items, system_prompt)
+    if use_template:
+        return [tokenizer.apply_chat_template(i.messages(), tokenize=False, add_generation_prompt=True) for i in items]
+    return [item.plain_text() for item in items]
+
+
+def _generation_store(cache: tuple[Path | None, str] | None, world: parallel.World, max_new_tokens: int,
+                      use_template: bool, add_special_tokens: bool):
+    """The generation cache of these settings (the prompt text carries template and system prompt)."""
+    if cache is None or cache[0] is None:
+        return None
+    from workbench.evals.cache import GenerationStore, digest
+
+    key = digest({"model": cache[1], "max_new_tokens": max_new_tokens, "chat_template": use_template,
+                  "add_special_tokens": add_special_tokens, "decoding": "greedy"})
+    return GenerationStore(cache[0], key, world.rank, max_new_tokens)
+
+
+def _generate_missing(lm, prompts: list[str], max_new_tokens: int, batch_size, add_special_tokens: bool,
+                      store, progress, answers: dict, indices: list[int]) -> int:
+    """Generate `prompts` (records `indices`) into `answers` {index: (text, new tokens)}, each batch cached
+    and counted as it ends; the new tokens generated."""
+    from workbench.evals.backends import is_vllm, vllm_generate
+    from workbench.evals.generate import generate
+
+    def finished(batch: list[int], texts: list[str], counts: list[int]) -> None:
+        for position, text, count in zip(batch, texts, counts):
+            answers[indices[position]] = (text, count)
+        if store is not None:
+            store.append([(prompts[position], text, count) for position, text, count in zip(batch, texts, counts)])
+        progress.advance(len(batch))
+
+    if not prompts:
+        return 0
+    if is_vllm(lm):  # one call: vLLM schedules the batches (and its data-parallel replicas) itself
+        output = vllm_generate(lm, prompts, max_new_tokens, add_special_tokens)
+        counts = output.counts or [len(lm.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in output.texts]
+        finished(list(range(len(prompts))), output.texts, counts)
+        return output.new_tokens
+    size = None if batch_size == "auto" else int(batch_size)
+    output = generate(lm.model, lm.tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=size,
+                      add_special_tokens=add_special_tokens, on_batch=finished)
+    return output.new_tokens
 
 
 # -- output ----------------------------------------------------------------------------------------
@@ -606,6 +783,7 @@ def _provenance(plan: _Plan, fingerprints: dict, options: dict, command: str | N
         **fingerprints,
         "dtype": str(plan.dtype).removeprefix("torch."),
         "device": str(plan.device),
+        "placement": _placement(plan),
         "versions": provenance.versions(VERSIONED, python=False),
         "command": command or provenance.command_line(_eval_argv(plan, options)),
     }
@@ -621,7 +799,22 @@ def _settings(plan: _Plan, options: dict) -> dict:
         "batch_size": options["batch_size"],
         "chat_template": options["chat_template"],
         "max_new_tokens": options["max_new_tokens"],
+        "system_prompt": plan.system_prompt,
+        "fewshot_as_multiturn": plan.fewshot_as_multiturn,
+        "backend": plan.backend.name,
+        "max_model_len": plan.backend.max_model_len,
     }
+
+
+def _placement(plan: _Plan) -> dict:
+    """Where the model ran (not a setting: the scores do not depend on it, `wb compare` re-uses across it)."""
+    backend = plan.backend
+    if backend.name == "vllm":
+        return {"backend": "vllm", "tensor_parallel_size": backend.tensor_parallel_size,
+                "data_parallel_size": backend.data_parallel_size,
+                "gpu_memory_utilization": backend.gpu_memory_utilization}
+    return {"backend": "hf", "parallelize": backend.parallelize, "max_memory_per_gpu": backend.max_memory_per_gpu,
+            "offload_folder": str(Path(backend.offload_folder).resolve()) if backend.offload_folder else None}
 
 
 def _eval_argv(plan: _Plan, options: dict) -> list[str]:
@@ -641,7 +834,27 @@ def _eval_argv(plan: _Plan, options: dict) -> list[str]:
     parts += ["--batch-size", str(options["batch_size"]), "--device", options["device"], "--dtype", options["dtype"]]
     if options["chat_template"] is not None:
         parts.append("--chat-template" if options["chat_template"] else "--no-chat-template")
-    return [*parts, "--out", str(plan.out)]
+    if plan.system_prompt is not None:
+        parts += ["--system-prompt", plan.system_prompt]
+    if plan.fewshot_as_multiturn:
+        parts.append("--fewshot-as-multiturn")
+    return [*parts, *_backend_argv(plan.backend), "--out", str(plan.out)]
+
+
+def _backend_argv(backend: BackendOptions) -> list[str]:
+    if backend.name == "vllm":
+        parts = ["--backend", "vllm", "--tensor-parallel-size", str(backend.tensor_parallel_size),
+                 "--data-parallel-size", str(backend.data_parallel_size),
+                 "--gpu-memory-utilization", str(backend.gpu_memory_utilization)]
+        return parts + (["--max-model-len", str(backend.max_model_len)] if backend.max_model_len else [])
+    if not backend.parallelize:
+        return []
+    parts = ["--parallelize"]
+    if backend.max_memory_per_gpu is not None:
+        parts += ["--max-memory-per-gpu", backend.max_memory_per_gpu]
+    if backend.offload_folder is not None:
+        parts += ["--offload-folder", str(backend.offload_folder)]
+    return parts
 
 
 @contextlib.contextmanager

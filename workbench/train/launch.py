@@ -10,6 +10,7 @@ from __future__ import annotations
 import shlex
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import click
@@ -45,7 +46,10 @@ def child_args(command: click.Command, params: dict, debug: bool = False, skip: 
         value = params.get(option.name)
         flag = max(option.opts, key=len)
         if option.is_flag:
-            args += [flag] if value else []
+            if value:
+                args.append(flag)
+            elif value is False and option.secondary_opts:  # --x/--no-x given as --no-x (default None or True)
+                args.append(max(option.secondary_opts, key=len))
         elif option.multiple:
             for item in value or ():
                 args += [flag, str(item)]
@@ -54,8 +58,12 @@ def child_args(command: click.Command, params: dict, debug: bool = False, skip: 
     return args
 
 
-def relaunch(command: click.Command, params: dict, nproc: int, strategy: str, debug: bool = False) -> int:
-    """Run the command again under `accelerate launch`; the launcher's exit status."""
+def relaunch(command: click.Command, params: dict, nproc: int, strategy: str, debug: bool = False,
+             run: Callable[[list[str]], int] | None = None) -> int:
+    """Run the command again under `accelerate launch`; the launcher's exit status. `run` runs the launch
+    command instead of a plain subprocess (`wb eval` filters what the launcher adds to a failure)."""
     launch = launch_command(child_args(command, params, debug), nproc, strategy)
     print(f"launching {nproc} processes ({strategy}): {shlex.join(launch)}", file=sys.stderr, flush=True)
+    if run is not None:
+        return run(launch)
     return subprocess.run(launch, check=False).returncode
