@@ -509,3 +509,13 @@ def test_compare_checks_every_adapter_before_evaluating(tmp_path, tiny_model):
                                      "ceval-valid_law", "--data-dir", f"ceval={mini('ceval')}", "--out", str(tmp_path / "cmp")])
     assert_one_error(result, "adapter was made for another base", f"({narrow})")
     assert not (tmp_path / "cmp").exists() or not list((tmp_path / "cmp").iterdir())
+
+
+def test_eval_outside_a_git_checkout_prints_nothing_of_git(tmp_path, tiny_model, monkeypatch, capfd):
+    """lm-eval runs `git describe` in the working folder; a user's folder is rarely a checkout."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))  # no checkout above tmp_path either
+    result = CliRunner().invoke(wb, ["eval", "--model", str(tiny_model), "--data-dir", f"ceval={mini('ceval')}",
+                                     "--tasks", "ceval-valid_law", "--limit", "1", "--out", "R.json"])
+    assert result.exit_code == 0, result.output
+    assert "not a git repository" not in capfd.readouterr().err

@@ -117,6 +117,18 @@ def test_cli_parallelize_under_nproc_is_one_line(tmp_path, tiny_model, monkeypat
     assert_one_error(result, "--parallelize spreads one model over every GPU; it cannot run in 2 processes")
 
 
+@pytest.mark.parametrize("backend", [["--parallelize"], ["--backend", "vllm"]])
+def test_cli_nproc_with_a_backend_that_places_the_model_itself(tmp_path, tiny_model, monkeypatch, no_model_load,
+                                                                backend):
+    """The `wb eval --nproc` parent refuses before it launches any process."""
+    from workbench.train import launch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(launch, "relaunch", lambda *a, **k: pytest.fail("processes were launched"))
+    result = CliRunner().invoke(wb, eval_args(tmp_path, tiny_model, *backend, "--nproc", "2"))
+    assert_one_error(result, "cannot run in 2 processes")
+
+
 @pytest.mark.parametrize(("extra", "message"), [
     (["--max-memory-per-gpu", "70GiB"], "--max-memory-per-gpu applies with --parallelize only"),
     (["--offload-folder", "off"], "--offload-folder applies with --parallelize only"),

@@ -606,6 +606,9 @@ def eval_command(ctx, model, adapter, out, nproc, force, as_json, **evaluation):
 
         if current().size > 1:
             raise WorkbenchError("--nproc launches the processes itself: leave it out under accelerate launch")
+        from workbench.evals.backends import BackendOptions, check_processes
+
+        check_processes(BackendOptions(evaluation["backend"], evaluation["parallelize"]), nproc)
         evaluate(model, adapter=adapter, out=out, force=force, check_only=True, **evaluation)
         debug = ctx.obj.get("debug", False)
         ctx.exit(relaunch(ctx.command, ctx.params, nproc, "ddp", debug=debug,

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from unittest import mock
 
 from workbench import provenance
 from workbench.errors import WorkbenchError
@@ -587,19 +588,23 @@ def _run_lm_eval(lm, task_objects: list, num_fewshot: int | None, limit: int | N
 
     from workbench.evals.tasks import task_manager
 
+    # lm-eval asks `git describe` for the current folder's commit (printing git's "fatal: not a git
+    # repository" outside one); the user's working folder says nothing about the evaluation.
+    no_git = mock.patch("lm_eval.evaluator.get_git_commit_hash", lambda: None)
     try:
-        return simple_evaluate(
-            model=lm,
-            tasks=task_objects,
-            num_fewshot=num_fewshot,
-            limit=limit,
-            batch_size=batch,
-            log_samples=True,
-            apply_chat_template=chat,
-            system_instruction=system_instruction,
-            fewshot_as_multiturn=fewshot_as_multiturn,  # explicit: simple_evaluate's own default is True
-            task_manager=task_manager(False),  # tasks come built; spare lm-eval its full index
-        )
+        with no_git:
+            return simple_evaluate(
+                model=lm,
+                tasks=task_objects,
+                num_fewshot=num_fewshot,
+                limit=limit,
+                batch_size=batch,
+                log_samples=True,
+                apply_chat_template=chat,
+                system_instruction=system_instruction,
+                fewshot_as_multiturn=fewshot_as_multiturn,  # explicit: simple_evaluate's own default is True
+                task_manager=task_manager(False),  # tasks come built; spare lm-eval its full index
+            )
     except (AssertionError, ValueError) as exc:  # e.g. more shots asked for than the dev split has
         raise WorkbenchError(f"lm-eval failed: {exc}") from None
 
