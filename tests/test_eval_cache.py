@@ -84,6 +84,8 @@ def test_a_killed_run_resumes_from_the_cache(tmp_path, tiny_model):
                                  "loglikelihood": {"requests": questions, "from_cache": questions}}
     assert counts["generation"] == {"requests": RECORDS, "from_cache": kept, "skipped_lines": 0}
     assert lines_in(answers) == RECORDS
+    assert (f"cache {cache.resolve()}: {questions} of {questions} lm-eval requests, {kept} of {RECORDS} generations "
+            "taken from it") in resumed.stderr
 
     again = CliRunner().invoke(wb, args(tiny_model, data, gen, tmp_path / "again" / "R.json", "--cache", str(cache)))
     assert again.exit_code == 0, again.output

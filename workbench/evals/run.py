@@ -308,7 +308,20 @@ class EvalResult(dict):
         if generation:
             figures = "  ".join(f"{k} {v:.2f}" for k, v in generation["metrics"].items())
             lines.append(f"generation ({generation['n']} prompts): {figures}")
-        return [*lines, Note(f"wrote {self.out}")]
+        return [*lines, *self._cache_notes(), Note(f"wrote {self.out}")]
+
+    def _cache_notes(self) -> list[Note]:
+        """--cache: how much came from the cache, and damaged cache lines that were skipped."""
+        cache = self["provenance"].get("cache")
+        if not cache:
+            return []
+        parts = [f"{block['from_cache']} of {block['requests']} {what}" for what, block in
+                 (("lm-eval requests", cache.get("lm_eval")), ("generations", cache.get("generation"))) if block]
+        notes = [Note(f"cache {cache['dir']}: {', '.join(parts)} taken from it")]
+        skipped = (cache.get("generation") or {}).get("skipped_lines")
+        if skipped:
+            notes.append(Note(f"note: {skipped} damaged line(s) of the generation cache were skipped (regenerated)"))
+        return notes
 
 
 # -- inputs ----------------------------------------------------------------------------------------
