@@ -48,8 +48,6 @@ REFUSED = [
      "--parallelize spreads the model over CUDA GPUs, and this machine has none"),
     (BackendOptions(parallelize=True), {"device_type": "cpu"},
      "--parallelize spreads the model over CUDA GPUs; it cannot run with --device cpu"),
-    (BackendOptions(parallelize=True), {"world_size": 2},
-     "--parallelize spreads one model over every GPU; it cannot run in 2 processes (--nproc)"),
     (BackendOptions("vllm", parallelize=True), {},
      "--parallelize is the hf backend's; with --backend vllm use --tensor-parallel-size"),
     (BackendOptions(max_memory_per_gpu="70GiB"), {}, "--max-memory-per-gpu applies with --parallelize only"),
@@ -90,8 +88,8 @@ def test_processes_check_for_the_nproc_parent():
     """What `wb eval --nproc N` checks before it launches (a launched process sees WORLD_SIZE instead)."""
     backends.check_processes(BackendOptions(parallelize=True), 1)
     backends.check_processes(BackendOptions(), 8)
-    with pytest.raises(WorkbenchError, match=r"--parallelize spreads one model over every GPU; it cannot run in 8"):
-        backends.check_processes(BackendOptions(parallelize=True), 8)
+    backends.check_processes(BackendOptions(parallelize=True), 8)  # lm-eval's model-and-data parallelism
+    check_backend(BackendOptions(parallelize=True), **{**MACHINE, "world_size": 2})
     with pytest.raises(WorkbenchError, match=r"--backend vllm runs its own workers; it cannot run in 2 processes"):
         backends.check_processes(BackendOptions("vllm"), 2)
 
@@ -109,15 +107,7 @@ def test_cli_parallelize_without_cuda_is_one_line(tmp_path, tiny_model, monkeypa
     assert not (tmp_path / "R.json").exists()
 
 
-def test_cli_parallelize_under_nproc_is_one_line(tmp_path, tiny_model, monkeypatch, no_model_load):
-    """Under `accelerate launch` (what --nproc re-runs through) WORLD_SIZE says how many processes run."""
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    result = CliRunner().invoke(wb, eval_args(tmp_path, tiny_model, "--parallelize", "--max-memory-per-gpu", "70GiB"))
-    assert_one_error(result, "--parallelize spreads one model over every GPU; it cannot run in 2 processes")
-
-
-@pytest.mark.parametrize("backend", [["--parallelize"], ["--backend", "vllm"]])
+@pytest.mark.parametrize("backend", [["--backend", "vllm"]])
 def test_cli_nproc_with_a_backend_that_places_the_model_itself(tmp_path, tiny_model, monkeypatch, no_model_load,
                                                                 backend):
     """The `wb eval --nproc` parent refuses before it launches any process."""

@@ -99,16 +99,15 @@ def _check_vllm(options: BackendOptions, device_type: str, cuda_available: bool,
 
 
 def check_processes(options: BackendOptions, processes: int) -> None:
-    """--parallelize and --backend vllm place one model themselves: refused with --nproc N > 1 (the `wb eval
-    --nproc` parent checks this before it launches; a launched process sees WORLD_SIZE)."""
-    if processes <= 1:
-        return
-    if options.name == "vllm":
+    """--backend vllm runs its own workers: refused with --nproc N > 1 (the `wb eval --nproc` parent checks
+    this before it launches; a launched process sees WORLD_SIZE).
+
+    --parallelize under several processes is lm-eval's model-and-data parallelism: each process spreads its
+    copy over the GPUs of its node whose index modulo the node's process count is its local rank (8 GPUs,
+    2 processes: GPUs 0,2,4,6 and 1,3,5,7), and the questions are sharded over the copies."""
+    if processes > 1 and options.name == "vllm":
         raise WorkbenchError(f"--backend vllm runs its own workers; it cannot run in {processes} processes "
                              "(--nproc): use --data-parallel-size")
-    if options.parallelize:
-        raise WorkbenchError(f"--parallelize spreads one model over every GPU; it cannot run in {processes} "
-                             "processes (--nproc): use one or the other")
 
 
 def vllm_installed() -> bool:
