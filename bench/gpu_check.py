@@ -1,9 +1,12 @@
 """`make gpu-check`: the demo pipeline on a CUDA GPU, with its figures; a clear note where there is none.
 
 Runs `wb demo --device cuda` with bf16 training: `wb train` (bf16) on the GPU, `wb merge --device cuda`,
-`wb recover --device cuda`, and batched `wb eval` on the GPU (`--batch-size auto`), then prints each
-step's time, training tokens/s and peak GPU memory, evaluation time and the ROUGE-L of base and
-fine-tuned, and writes them to OUT/gpu_check.json. Without CUDA it says so and exits 0.
+`wb recover --device cuda`, and batched `wb eval` on the GPU (`--batch-size auto`); then the training
+variants on the demo's base and data, same records and steps: LoRA, 4-bit QLoRA (bitsandbytes) and DPO
+continuing the demo's SFT adapter. It prints each step's time, training tokens/s and peak GPU memory,
+evaluation time, questions per second and the ROUGE-L of base and fine-tuned, and writes them to
+OUT/gpu_check.json. Without CUDA it says so and exits 0 (`--device cpu` runs the same script on the CPU,
+to check it before a GPU is lent).
 
     python -m bench.gpu_check [--out bench/out/gpu-check] [--base FOLDER_OR_HUB_ID] [--data-dir DIR ...]
 """
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -43,13 +47,67 @@ def figures(out: Path) -> dict:
     }
 
 
+VARIANT_RECORDS = 64  # identity records each training variant trains on (one epoch)
+
+
+def preference_file(identity: Path, out: Path) -> Path:
+    """Preference pairs from the demo's identity records: the answer is chosen, another record's rejected."""
+    records = json.loads(identity.read_text(encoding="utf-8"))[:VARIANT_RECORDS]
+    answers = sorted({r["output"] for r in records})
+    pairs = [{"instruction": r["instruction"], "input": r.get("input", ""), "chosen": r["output"],
+              "rejected": answers[(answers.index(r["output"]) + 1) % len(answers)]} for r in records]
+    path = out / "identity_pref.json"
+    path.write_text(json.dumps(pairs, ensure_ascii=False), encoding="utf-8")
+    return path
+
+
+def train_variants(out: Path, base: str, device: str, dtype: str) -> dict:
+    """LoRA, 4-bit QLoRA and DPO (from the demo's SFT adapter) on the same records: each one's metrics.json."""
+    identity = next(out.rglob("identity_train.json"))
+    common = ["--base", base, "--device", device, "--dtype", dtype, "--epochs", "1", "--max-samples",
+              str(VARIANT_RECORDS), "--batch-size", "4", "--grad-accum", "2", "--logging-steps", "2", "--force"]
+    runs = {
+        "lora": ["--data", str(identity)],
+        "qlora_4bit": ["--data", str(identity), "--quantization-bit", "4"],
+        "dpo": ["--stage", "dpo", "--adapter", str(out / "train"), "--data", str(preference_file(identity, out)),
+                "--lr", "5e-5"],
+    }
+    found = {}
+    for name, extra in runs.items():
+        folder = out / f"variant-{name}"
+        done = subprocess.run([sys.executable, "-m", "workbench", "train", *common, *extra, "--out", str(folder)],
+                              check=False)
+        if done.returncode != 0:
+            found[name] = {"failed": done.returncode}
+            continue
+        metrics = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
+        found[name] = {key: metrics.get(key) for key in ("tokens_per_s", "peak_gpu_memory_gb", "train_runtime_s",
+                                                         "steps", "final_loss", "rewards/margins",
+                                                         "rewards/accuracies")}
+    return found
+
+
+def questions_per_second(out: Path) -> dict:
+    """Benchmark questions scored per second of each demo evaluation (its whole duration, generation included)."""
+    rates = {}
+    for label in ("base", "tuned"):
+        results = json.loads((out / "eval" / f"{label}.json").read_text(encoding="utf-8"))
+        leaves = [name for name in results.get("n-samples", {}) if name not in results.get("group_subtasks", {})]
+        questions = sum(results["n-samples"][name].get("effective", 0) for name in leaves)
+        rates[label] = {"questions": questions, "duration_s": results["provenance"]["duration_s"],
+                        "questions_per_s": round(questions / results["provenance"]["duration_s"], 2)}
+    return rates
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("bench/out/gpu-check"))
     parser.add_argument("--base", help="model folder or hub id (default: the demo's SmolLM2-135M-Instruct)")
     parser.add_argument("--data-dir", action="append", default=[], help="MMLU/C-Eval/CMMLU folder to evaluate too")
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
+                        help="cpu: run the same checks on the CPU (fp32), to try the script without a GPU")
     args = parser.parse_args(argv)
-    device = cuda_summary()
+    device = cuda_summary() if args.device == "cuda" else f"CPU (torch {torch.__version__})"
     if device is None:
         build = f"built for CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
         print(f"gpu-check: no CUDA device here (torch {torch.__version__}, {build}); nothing to check.")
@@ -59,12 +117,15 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"gpu-check on {device}")
     try:
-        run_demo(base=args.base, out=args.out, data_dir=args.data_dir, device="cuda", force=True,
-                 settings=DemoSettings(dtype="bf16"))
+        dtype = "bf16" if args.device == "cuda" else "fp32"
+        run_demo(base=args.base, out=args.out, data_dir=args.data_dir, device=args.device, force=True,
+                 settings=DemoSettings(dtype=dtype))
     except WorkbenchError as exc:
         print(f"gpu-check: FAILED: {exc.line()}", file=sys.stderr)
         return 1
-    result = {"device": device, **figures(args.out)}
+    base = json.loads((args.out / "demo.json").read_text(encoding="utf-8"))["base"]
+    result = {"device": device, **figures(args.out), "questions_per_s": questions_per_second(args.out),
+              "train_variants": train_variants(args.out, base, args.device, dtype)}
     (args.out / "gpu_check.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     train = result["train"]
     print(f"\ngpu-check figures ({device}):")
@@ -74,6 +135,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {name} --device cuda: {result['steps_s'].get(name)} s (process wall time)")
     for label, entry in result["eval"].items():
         print(f"  eval {label} on {entry['device']} ({entry['dtype']}): {entry['duration_s']} s, ROUGE-L {entry['rouge-l']}")
+    for label, rate in result["questions_per_s"].items():
+        print(f"  eval {label}: {rate['questions']} questions in {rate['duration_s']} s, {rate['questions_per_s']}/s")
+    for name, variant in result["train_variants"].items():
+        print(f"  train {name}: {variant}")
     print(f"  whole demo: {result['total_s']} s; figures in {args.out / 'gpu_check.json'}")
     return 0
 

@@ -430,6 +430,19 @@ def test_continuing_an_adapter_trains_it_further_and_merges(runs, learn_model, l
     assert max_diff(load_file(tmp_path / "merged" / "model.safetensors"), peft_merged_state(learn_model, out)) < 1e-5
 
 
+def test_a_continued_adapter_names_this_runs_base(runs, learn_model, learn_data, tmp_path):
+    """The first run's adapter names the base as that run spelled it; the continued one names this run's
+    --base (peft reads it back when saving, and PeftModel.from_pretrained(DIR) without a base uses it)."""
+    first = runs("--lora-r", "4", "--lora-target", "q_proj,v_proj")
+    elsewhere = tmp_path / "same-base"
+    elsewhere.symlink_to(learn_model, target_is_directory=True)
+    out = tmp_path / "again"
+    result = train_cli(elsewhere, learn_data, out, "--adapter", str(first), "--epochs", "1")
+    assert result.exit_code == 0, result.output
+    assert json.loads((first / "adapter_config.json").read_text())["base_model_name_or_path"] == str(learn_model)
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == str(elsewhere)
+
+
 @pytest.mark.parametrize(("extra", "fragment"), [
     (["--lora-r", "16"], "--lora-r 16 conflicts with the adapter's r=4"),
     (["--lora-alpha", "64"], "--lora-alpha 64 conflicts with the adapter's lora_alpha=8"),

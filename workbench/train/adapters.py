@@ -248,6 +248,10 @@ def continue_adapter(model, folder: Path, o: dict):
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
         raise WorkbenchError(f"--adapter: cannot load it onto --base: {str(exc).splitlines()[0][:300]}",
                              folder) from None
+    # the continued adapter is an adapter of this run's --base (the first run may have named it otherwise,
+    # e.g. relative to another folder): peft reads base_model_name_or_path back when it saves
+    for adapter_config in peft.peft_config.values():
+        adapter_config.base_model_name_or_path = o["base"]
     o.update(lora_r=config.get("r", 8), lora_alpha=config.get("lora_alpha", 8),
              lora_dropout=config.get("lora_dropout", 0.0), lora_target=_target_text(config.get("target_modules")),
              use_dora=bool(config.get("use_dora")), use_rslora=bool(config.get("use_rslora")))
