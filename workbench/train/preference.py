@@ -52,7 +52,7 @@ PREFERENCE_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "
 
 def load_preference_data(run: Run) -> Data:
     """The data stage of --stage dpo: preference records -> prompt/chosen/rejected ids, split."""
-    from workbench.train.run import Data, _split, load_run_tokenizer
+    from workbench.train.run import finish_data, load_run_tokenizer
     from workbench.train.templates import resolve_template
 
     o = run.options
@@ -62,16 +62,7 @@ def load_preference_data(run: Run) -> Data:
     tokenizer = load_run_tokenizer(run)
     chat = resolve_template(o["template"], tokenizer, run.base)
     encoded = encode_pairs(loaded.pairs, chat, tokenizer, o["cutoff_len"])
-    if not encoded.examples:
-        detail = "; ".join(f"{r} ({n})" for r, n in encoded.dropped.most_common())
-        raise WorkbenchError(f"the preference dataset is empty after filtering: {detail}",
-                             ",".join(map(str, run.data)))
-    train_set, val_set = _split(encoded.examples, o["val_size"], o["seed"])
-    if chat.name != "auto":
-        tokenizer.chat_template = chat.source
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token or chat.eot_token
-    return Data(loaded, encoded, chat, tokenizer, train_set, val_set)
+    return finish_data(run, loaded, encoded, chat, tokenizer, "preference dataset")
 
 
 def _sources(sources: list[DataSource], fmt: str) -> list[DataSource]:

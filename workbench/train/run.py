@@ -257,10 +257,16 @@ def load_data(run: Run) -> Data:
     tokenizer = load_run_tokenizer(run)
     chat = resolve_template(o["template"], tokenizer, run.base)
     encoded = encode_all(loaded.conversations, chat, tokenizer, o["cutoff_len"], o["train_on_prompt"])
+    return finish_data(run, loaded, encoded, chat, tokenizer, "dataset")
+
+
+def finish_data(run: Run, loaded, encoded, chat: ChatTemplate, tokenizer, what: str) -> Data:
+    """The data stage's end, for SFT and preference data: an empty set refused (the reasons counted), the
+    validation split, and the tokenizer given the template it encoded with and a pad token."""
     if not encoded.examples:
         detail = "; ".join(f"{r} ({n})" for r, n in encoded.dropped.most_common())
-        raise WorkbenchError(f"the dataset is empty after filtering: {detail}", ",".join(f.path for f in loaded.files))
-    train_set, val_set = _split(encoded.examples, o["val_size"], o["seed"])
+        raise WorkbenchError(f"the {what} is empty after filtering: {detail}", ",".join(f.path for f in loaded.files))
+    train_set, val_set = _split(encoded.examples, run.options["val_size"], run.options["seed"])
     if chat.name != "auto":
         tokenizer.chat_template = chat.source
     if tokenizer.pad_token_id is None:

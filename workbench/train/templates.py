@@ -14,8 +14,7 @@ chat` prompts as training did.
 from __future__ import annotations
 
 import json
-from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from jinja2 import TemplateError
 
@@ -397,20 +396,6 @@ def _function_text(spec: LFTemplate, content: str) -> str:
         texts = [json.dumps({"name": n, "arguments": json.loads(a)}, ensure_ascii=False) for n, a in functions]
         return "\n".join(f"<tool_call>\n{text}\n</tool_call>" for text in texts)
     return "\n".join(f"Action: {name}\nAction Input: {arguments}" for name, arguments in functions)
-
-
-@dataclass
-class LFEncoded:
-    """encode.EncodedSet's shape (examples, dropped, truncated, summary())."""
-
-    examples: list[dict]
-    dropped: Counter = field(default_factory=Counter)
-    truncated: int = 0
-
-    def summary(self) -> dict:
-        return {"examples": len(self.examples), "dropped": dict(self.dropped), "truncated": self.truncated,
-                "tokens": sum(len(e["input_ids"]) for e in self.examples),
-                "learned_tokens": sum(sum(1 for t in e["labels"] if t != IGNORE) for e in self.examples)}
 
 
 def encode_lf(conversations: list[Conversation], template: ChatTemplate, tokenizer, cutoff_len: int,
