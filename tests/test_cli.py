@@ -62,3 +62,14 @@ def test_weight_commands_do_not_import_heavy_libraries(name, tiny_model):
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "", f"wb {name} imports {result.stdout.strip()}"
+
+
+def test_importing_workbench_silences_transformers_deprecation_asked_by_peft():
+    """peft and trl ask transformers 5 about `is_gradient_checkpointing` whenever they wrap a model (wb chat
+    --adapter, wb train): the FutureWarning is not the user's concern; other FutureWarnings still show."""
+    code = ("import warnings, workbench\n"
+            "warnings.warn('`is_gradient_checkpointing` is deprecated and will be removed in v6.', FutureWarning)\n"
+            "warnings.warn('another deprecation', FutureWarning)\n")
+    done = subprocess.run([sys.executable, "-W", "default", "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "is_gradient_checkpointing" not in done.stderr and "another deprecation" in done.stderr
