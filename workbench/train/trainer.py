@@ -121,7 +121,8 @@ class _LogCallback(TrainerCallback):
         self.clock.start = self.clock.window = time.perf_counter()
         if self.echo and state.is_world_process_zero:
             resumed = f", resuming after step {state.global_step}" if state.global_step else ""
-            self.echo(f"training: {state.max_steps} optimizer steps{resumed}")
+            steps = f"{state.max_steps} optimizer step{'' if state.max_steps == 1 else 's'}"
+            self.echo(f"training: {steps}{resumed}")
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not (self.echo and state.is_world_process_zero and logs):
