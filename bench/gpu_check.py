@@ -3,7 +3,7 @@
 Runs `wb demo --device cuda` with bf16 training: `wb train` (bf16) on the GPU, `wb merge --device cuda`,
 `wb recover --device cuda`, and batched `wb eval` on the GPU (`--batch-size auto`); then the training
 variants on the demo's base and data, same records and steps: LoRA, 4-bit QLoRA (bitsandbytes) and DPO
-continuing the demo's SFT adapter. It prints each step's time, training tokens/s and peak GPU memory,
+continuing the demo's SFT adapter; and `wb eval --backend vllm` of the base where vLLM is importable. It prints each step's time, training tokens/s and peak GPU memory,
 evaluation time, questions per second and the ROUGE-L of base and fine-tuned, and writes them to
 OUT/gpu_check.json. Without CUDA it says so and exits 0 (`--device cpu` runs the same script on the CPU,
 to check it before a GPU is lent).
@@ -99,6 +99,27 @@ def questions_per_second(out: Path) -> dict:
     return rates
 
 
+def vllm_eval(out: Path, base: str, data_dirs: list[str]) -> dict:
+    """`wb eval --backend vllm` of the demo's base on its benchmark folders, where vLLM is importable."""
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        return {"skipped": "vllm is not installed here"}
+    if not data_dirs:
+        return {"skipped": "no --data-dir given"}
+    results = out / "eval" / "base-vllm.json"
+    command = [sys.executable, "-m", "workbench", "eval", "--model", base, "--backend", "vllm", "--device", "cuda",
+               *[arg for folder in data_dirs for arg in ("--data-dir", folder)], "--out", str(results), "--force"]
+    done = subprocess.run(command, check=False)
+    if done.returncode != 0:
+        return {"failed": done.returncode}
+    found = json.loads(results.read_text(encoding="utf-8"))
+    hf = json.loads((out / "eval" / "base.json").read_text(encoding="utf-8"))
+    return {"duration_s": found["provenance"]["duration_s"],
+            "groups_acc": {name: scores.get("acc,none") for name, scores in (found.get("groups") or {}).items()},
+            "hf_groups_acc": {name: scores.get("acc,none") for name, scores in (hf.get("groups") or {}).items()}}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("bench/out/gpu-check"))
@@ -125,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     base = json.loads((args.out / "demo.json").read_text(encoding="utf-8"))["base"]
     result = {"device": device, **figures(args.out), "questions_per_s": questions_per_second(args.out),
-              "train_variants": train_variants(args.out, base, args.device, dtype)}
+              "train_variants": train_variants(args.out, base, args.device, dtype),
+              "vllm_eval": vllm_eval(args.out, base, args.data_dir) if args.device == "cuda" else {"skipped": "cpu"}}
     (args.out / "gpu_check.json").write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     train = result["train"]
     print(f"\ngpu-check figures ({device}):")
@@ -139,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  eval {label}: {rate['questions']} questions in {rate['duration_s']} s, {rate['questions_per_s']}/s")
     for name, variant in result["train_variants"].items():
         print(f"  train {name}: {variant}")
+    print(f"  eval --backend vllm: {result['vllm_eval']}")
     print(f"  whole demo: {result['total_s']} s; figures in {args.out / 'gpu_check.json'}")
     return 0
 
