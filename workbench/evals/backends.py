@@ -176,7 +176,9 @@ def adapter_rank(adapter: Path) -> int:
     ranks += [(f"rank_pattern[{name!r}]", value) for name, value in pattern.items()]
     for where, value in ranks:
         if type(value) is not int or value < 1:
-            raise WorkbenchError(f"adapter config: {where} must be a whole number of at least 1, not {value!r}", path)
+            text = repr(value)  # a crafted value (or pattern name) may be thousands of characters long
+            shown = text if len(text) <= 40 else text[:37] + "..."
+            raise WorkbenchError(f"adapter config: {where[:80]} must be a whole number of at least 1, not {shown}", path)
     return max(value for _, value in ranks)
 
 

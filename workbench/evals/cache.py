@@ -52,7 +52,22 @@ def valid_response(attr: str, value: object) -> object | None:
 
 
 def _finite(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """A number float() keeps finite (a crafted integer of hundreds of digits overflows it)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
+
+
+def _no_links(*paths: Path) -> None:
+    """A cache folder from elsewhere may be crafted: a symbolic link where wb reads or writes a cache file
+    (or SQLite its journal) would take the read or the write outside the folder."""
+    for path in paths:
+        if path.is_symlink():
+            raise WorkbenchError("a cache file is a symbolic link; a cache folder holds only the files wb writes "
+                                 "(delete it to start again)", path)
 
 
 class RequestStore:
@@ -64,6 +79,7 @@ class RequestStore:
         self.path = folder / "lm_eval" / f"{key[:32]}_rank{rank}.db"
         self.skipped = 0  # rows that were not a response of their request type
         self._last_commit = time.monotonic()
+        _no_links(self.path.parent, self.path, *(Path(f"{self.path}{end}") for end in ("-journal", "-wal", "-shm")))
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             _check_database(self.path)
@@ -262,6 +278,9 @@ class GenerationStore:
             files = sorted(self.folder.glob("generations_rank*.jsonl"))
         except OSError as exc:
             raise WorkbenchError(f"the cache folder cannot be used: {exc.strerror or exc}", self.folder) from None
+        _no_links(self.path, *files)
+        if self.path.exists() and not self.path.is_file():
+            raise WorkbenchError("the generation cache is not a file; delete it to start again", self.path)
         for file in files:
             if not file.is_file():
                 continue
@@ -280,7 +299,7 @@ class GenerationStore:
         """(prompt, prediction, new tokens); None: a line of another key; False: a damaged line."""
         try:
             row = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
+        except (UnicodeDecodeError, ValueError, RecursionError):  # RecursionError: nested too deeply
             return False
         if not isinstance(row, dict) or not isinstance(row.get("key"), str):
             return False

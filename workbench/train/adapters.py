@@ -226,7 +226,12 @@ def read_continued_config(folder: Path, o: dict) -> dict:
         raise WorkbenchError(f"lora_dropout must be a number in [0, 1), not {dropout!r}"[:120],
                              folder / "adapter_config.json")
     if str(config.get("peft_type", "")).upper() != "LORA":
-        raise WorkbenchError(f"--adapter: a {config.get('peft_type')!r} adapter; wb trains LoRA adapters", folder)
+        raise WorkbenchError(f"--adapter: a {config.get('peft_type')!r} adapter; wb trains LoRA adapters"[:200], folder)
+    modules = config.get("target_modules")
+    if not (modules is None or isinstance(modules, str)
+            or isinstance(modules, list) and all(isinstance(m, str) for m in modules)):
+        raise WorkbenchError(f"target_modules must be a module name or a list of names, not {modules!r}"[:200],
+                             folder / "adapter_config.json")
     relative = str(config.get("init_lora_weights", True)).lower().startswith(("pissa", "corda", "olora"))
     if relative or (folder.resolve().parent / "pissa-init").is_dir():  # a wb PiSSA run's checkpoint
         raise WorkbenchError("--adapter: this adapter is relative to a PiSSA residual base (a checkpoint, not a "

@@ -238,8 +238,8 @@ def _special(key: str, value, data: dict, path: Path) -> dict[str, Any]:
             refuse("bf16 and fp16 are both true; choose one")
         if value:
             return {"dtype": key}
-        other = "fp16" if key == "bf16" else "bf16"
-        return {"dtype": "fp32"} if data.get(other) is False else {}
+        # both false is fp32: said once (by bf16), else the two keys would clash on dtype
+        return {"dtype": "fp32"} if key == "bf16" and data.get("fp16") is False else {}
     if key == "overwrite_output_dir":
         if not isinstance(value, bool):
             refuse("expects true or false")
@@ -288,12 +288,19 @@ def _checked(option: click.Option, value, key: str, ctx: click.Context, path: Pa
             bad(f"expects a number, not {type(value).__name__}")
         if isinstance(kind, click.types.IntParamType) and isinstance(value, float):
             bad(f"expects an integer, not {value!r}")
-        if not math.isfinite(value):
+        if isinstance(kind, click.types.FloatParamType) and isinstance(value, int):
+            try:
+                value = float(value)
+            except OverflowError:  # an integer of hundreds of digits: beyond any float
+                bad(f"expects a finite number, not an integer of {len(str(value))} digits")
+        if isinstance(value, float) and not math.isfinite(value):
             bad(f"expects a finite number, not {value!r}")
     elif isinstance(kind, click.Choice) and isinstance(value, int) and str(value) in kind.choices:
         value = str(value)
     elif not isinstance(value, str):
         bad(f"expects text, not {type(value).__name__} {value!r}")
+    if isinstance(value, str) and "\x00" in value:  # a path type would stat it: ValueError, not BadParameter
+        bad("contains a NUL byte")
     try:
         return kind.convert(value, option, ctx)
     except click.BadParameter as exc:

@@ -184,7 +184,7 @@ def _from_lf_sharegpt(record: dict, columns: dict[str, str], tags: dict[str, str
     for turn in turns:
         if not isinstance(turn, dict):
             raise Dropped("a turn is not an object")
-        role = roles.get(turn.get(role_tag))
+        role = _lookup(roles, turn.get(role_tag))
         if role is None:
             raise Dropped(f"unknown role {turn.get(role_tag)!r}")
         content = _text(turn.get(content_tag), "content")
@@ -229,6 +229,8 @@ def _parse_records(raw: bytes, path: Path) -> list[dict]:
             records = json.loads(text)
         except json.JSONDecodeError as exc:
             raise WorkbenchError(f"bad JSON: {exc.msg} (column {exc.colno})", f"{path}:{exc.lineno}") from None
+        except RecursionError:
+            raise WorkbenchError("bad JSON: nested too deeply", path) from None
         for index, record in enumerate(records):
             if not isinstance(record, dict):
                 raise WorkbenchError(f"record {index} is a {type(record).__name__}, not an object", path)
@@ -241,6 +243,8 @@ def _parse_records(raw: bytes, path: Path) -> list[dict]:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
             raise WorkbenchError(f"bad JSON line: {exc.msg} (column {exc.colno})", f"{path}:{number}") from None
+        except RecursionError:
+            raise WorkbenchError("bad JSON line: nested too deeply", f"{path}:{number}") from None
         if not isinstance(record, dict):
             raise WorkbenchError(f"a JSON line must be an object, not {type(record).__name__}", f"{path}:{number}")
         records.append(record)
@@ -327,7 +331,7 @@ def _from_sharegpt(record: dict) -> Conversation:
         if not isinstance(turn, dict):
             raise Dropped("a turn is not an object")
         role_key, content_key = ("from", "value") if "from" in turn else ("role", "content")
-        role = SHAREGPT_ROLES.get(turn.get(role_key))
+        role = _lookup(SHAREGPT_ROLES, turn.get(role_key))
         if role is None:
             raise Dropped(f"unknown role {turn.get(role_key)!r}")
         if role == "function_call":
@@ -339,6 +343,11 @@ def _from_sharegpt(record: dict) -> Conversation:
             message["tool_calls"] = turn["tool_calls"]
         messages.append(message)
     return _validated(messages, _tools(record.get("tools")))
+
+
+def _lookup(table: dict[str, str], key) -> str | None:
+    """`table[key]` for a text key; None for anything else (a crafted list or object is not hashable)."""
+    return table.get(key) if isinstance(key, str) else None
 
 
 def _system(value) -> list[dict]:

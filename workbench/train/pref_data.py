@@ -208,8 +208,8 @@ def _tagged(turn, tags: dict[str, str]):
     if not tags or not isinstance(turn, dict):
         return turn
     role_key, content_key = tags.get("role_tag", "from"), tags.get("content_tag", "value")
-    if role_key not in turn:
-        return turn
+    if role_key not in turn or not isinstance(turn[role_key], str):
+        return turn  # a missing or non-text role: data.py's converter drops the record
     roles = {tags.get(f"{name}_tag"): name for name in ("user", "assistant", "observation", "function", "system")}
     role = roles.get(turn[role_key], turn[role_key])
     role = {"function": "function_call"}.get(role, role)
