@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import math
 import shutil
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -174,9 +173,8 @@ def prepare_quantized(model, checkpointing: bool):
     """peft's preparation of a k-bit base for training; gradient checkpointing only when asked for."""
     from peft import prepare_model_for_kbit_training
 
-    with _quiet_peft_warnings():
-        return prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing,
-                                               gradient_checkpointing_kwargs={"use_reentrant": False})
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing,
+                                           gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 # ---- the adapter -----------------------------------------------------------------------------------
@@ -202,8 +200,7 @@ def add_adapter(model, o: dict, seed: int) -> Built:
         return Built(continue_adapter(model, Path(o["adapter"]), o), None, Path(o["adapter"]))
     set_seed(seed)  # the LoRA A matrices (PiSSA's randomized SVD) are drawn here
     try:
-        with _quiet_peft_warnings():
-            peft = get_peft_model(model, lora_config(o))
+        peft = get_peft_model(model, lora_config(o))
     except ValueError as exc:
         raise WorkbenchError(f"--lora-target {o['lora_target']}: {exc}") from None
     if o["lora_init"] != "pissa":
@@ -248,8 +245,7 @@ def continue_adapter(model, folder: Path, o: dict):
 
     config = read_continued_config(folder, o)
     try:
-        with _quiet_peft_warnings():
-            peft = PeftModel.from_pretrained(model, str(folder), is_trainable=True)
+        peft = PeftModel.from_pretrained(model, str(folder), is_trainable=True)
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
         raise WorkbenchError(f"--adapter: cannot load it onto --base: {str(exc).splitlines()[0][:300]}",
                              folder) from None
@@ -301,8 +297,7 @@ def save_pissa_converted(built: Built, staging: Path, checkpoints: Path) -> None
     init.mkdir()
     save_file({k: v.contiguous() for k, v in built.pissa.state.items()}, str(init / "adapter_model.safetensors"),
               metadata={"format": "pt"})
-    with _quiet_peft_warnings():
-        built.peft.save_pretrained(str(staging), path_initial_model_for_weight_conversion=str(init))
+    built.peft.save_pretrained(str(staging), path_initial_model_for_weight_conversion=str(init))
     kept = checkpoints / "pissa-init"
     shutil.rmtree(kept, ignore_errors=True)
     checkpoints.mkdir(parents=True, exist_ok=True)
@@ -326,9 +321,3 @@ def _init_name(config) -> str:
     return "default" if init is True else str(init)
 
 
-@contextlib.contextmanager
-def _quiet_peft_warnings():
-    """peft asks transformers 5 a deprecated question; not the user's concern."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
-        yield

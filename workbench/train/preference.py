@@ -168,11 +168,6 @@ def trainer_classes() -> dict[str, type]:
         def create_model_card(self, *args, **kwargs) -> None:
             """No README.md in the checkpoints: train_args.json records how the adapter was made."""
 
-        def _compute_loss(self, model, inputs, return_outputs):
-            with warnings.catch_warnings():  # trl asks transformers 5 a deprecated question; not the user's concern
-                warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
-                return super()._compute_loss(model, inputs, return_outputs)
-
     class _LegacyPreference(WbTrainerMixin):
         """ORPO/CPO (trl's older trainer layout) on wb's tokenized rows."""
 
