@@ -73,3 +73,11 @@ def test_importing_workbench_silences_transformers_deprecation_asked_by_peft():
     done = subprocess.run([sys.executable, "-W", "default", "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert "is_gradient_checkpointing" not in done.stderr and "another deprecation" in done.stderr
+
+
+def test_an_error_line_is_one_line_whatever_its_message_holds():
+    from workbench.errors import WorkbenchError
+
+    error = WorkbenchError("cannot load it:\n  first reason\r\n  second reason", "a\nb.json")
+    assert error.line() == "cannot load it: first reason second reason (a b.json)"
+    assert WorkbenchError("plain  text", "f").line() == "plain  text (f)"  # untouched without line breaks

@@ -15,6 +15,7 @@ default so that the file stays well under 30 s.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from contextlib import contextmanager
 from pathlib import Path
@@ -476,3 +477,227 @@ def test_generation_cache_folder_in_place_of_the_file_is_refused(tmp_path):
     (tmp_path / "generations_rank0.jsonl").mkdir()
     with pytest.raises(WorkbenchError, match="the generation cache is not a file"):
         GenerationStore(tmp_path, KEY, 0, 16).load()
+
+
+# -- CLI for 3. and 4.: wb train --adapter, wb merge's note, wb eval --cache (R2 duplicate) ---------------
+def test_cli_valid_adapter_reaches_model_stage(tiny_base):
+    with Sandbox() as box:
+        _sandboxed(box, tiny_base, yaml.safe_dump({**cli_config(SFT_NAMES), "adapter_name_or_path": "adapter"}).encode())
+        box.write(dumps(VALID_ADAPTER), "adapter", "adapter_config.json")
+        box.may_read(box.path("adapter"))
+        box.freeze()
+        result = run_train_until_model(box)
+        box.check(result)
+        assert result.exit_code == 0, result.output
+
+
+@CLI
+@given(config=blobs(hostile_json_file(VALID_ADAPTER, ["q_proj", "v_proj", "LORA", "pissa"]), dumps(VALID_ADAPTER, 2)))
+@example(config=dumps({**VALID_ADAPTER, "target_modules": [{}, "q_proj"]}))  # sorted() of mixed types, before the fix
+def test_cli_train_adapter_config_hostile(tiny_base, config):
+    """`wb train --adapter DIR` (through --config's adapter_name_or_path): DIR's adapter_config.json is
+    checked while the settings are resolved, before the data stage."""
+    with Sandbox() as box:
+        target = {**cli_config(SFT_NAMES), "adapter_name_or_path": "adapter", "lora_target": "q_proj,v_proj"}
+        _sandboxed(box, tiny_base, yaml.safe_dump(target).encode())
+        box.write(config, "adapter", "adapter_config.json")
+        box.may_read(box.path("adapter"))
+        box.freeze()
+        box.check(run_train_until_model(box))
+
+
+TRAIN_ARGS = {"base": "base", "data": ["data/a.json"], "quantization": {"bits": 4, "type": "nf4",
+                                                                        "double_quantization": True,
+                                                                        "compute_dtype": "bfloat16"},
+              "lora": {"r": 4, "alpha": 8}, "versions": {"torch": "2.13.0"}}
+
+
+@pytest.fixture(scope="module")
+def merge_inputs(tmp_path_factory) -> tuple[Path, Path]:
+    from hostile import llama_config, llama_state, write_adapter, write_model
+
+    root = tmp_path_factory.mktemp("merge")
+    return write_model(root / "base", llama_state(), llama_config()), write_adapter(root / "adapter")
+
+
+def _merge_with_train_args(merge_inputs, raw: bytes):
+    with Sandbox() as box:
+        base, adapter = box.copy(merge_inputs[0], "base"), box.copy(merge_inputs[1], "adapter")
+        box.write(raw, "adapter", "train_args.json")
+        box.may_read(base, adapter)
+        box.freeze()
+        result = run_wb(["merge", "--base", base, "--adapter", adapter, "--out", box.out("out")])
+        box.check(result)
+        return result
+
+
+def test_cli_merge_names_a_quantized_base(merge_inputs):
+    result = _merge_with_train_args(merge_inputs, dumps(TRAIN_ARGS, 2))
+    assert result.exit_code == 0 and "trained on a 4-bit (nf4) quantized base (QLoRA)" in result.output, result.output
+
+
+@CLI
+@given(raw=blobs(hostile_json_file(TRAIN_ARGS, ["nf4", "fp4", "llm.int8", "4", "8"]), dumps(TRAIN_ARGS, 2)))
+def test_cli_merge_train_args_hostile(merge_inputs, raw):
+    """train_args.json is a record, not an input of the merge: whatever it holds, the merge succeeds."""
+    result = _merge_with_train_args(merge_inputs, raw)
+    assert result.exit_code == 0, result.output
+
+
+@pytest.fixture(scope="module")
+def eval_inputs(tmp_path_factory, tiny_models) -> tuple[Path, Path, Path]:
+    """(the tiny model, a 2-prompt --gen-data file, a cache folder a first run filled)."""
+    root = tmp_path_factory.mktemp("evalcache")
+    gen = root / "gen.json"
+    gen.write_bytes(dumps([{"instruction": f"Say {i}", "input": "", "output": f"{i}"} for i in range(2)]))
+    model = tiny_models()
+    result = run_wb(eval_args(model, gen, root / "cache", root / "R.json"))
+    assert result.exit_code == 0, result.output
+    return model, gen, root / "cache"
+
+
+def eval_args(model: Path, gen: Path, cache: Path, out: Path) -> list:
+    return ["eval", "--model", model, "--gen-data", gen, "--max-new-tokens", "2", "--device", "cpu", "--cache", cache,
+            "--out", out]
+
+
+@st.composite
+def hostile_generations(draw, valid: bytes) -> bytes:
+    """A generations_rank<R>.jsonl from `valid`: one line replaced by a damaged JSON row, or the file cut."""
+    rows = valid.splitlines(keepends=True)
+    if draw(st.booleans()):
+        return valid[: draw(st.integers(0, len(valid) - 1))]
+    index = draw(st.integers(0, len(rows) - 1))
+    line = draw(hostile_json_file(json.loads(rows[index]), ["<|im_start|>", "k" * 64], indent=None))
+    return b"".join(rows[:index]) + line.replace(b"\n", b" ") + b"\n" + b"".join(rows[index + 1:])
+
+
+def test_cli_eval_cache_valid_is_used(eval_inputs):
+    model, gen, cache = eval_inputs
+    with Sandbox() as box:
+        mine = box.copy(cache, "cache")
+        box.outs.append(mine)  # the cache folder is written to (answers appended)
+        box.may_read(model, gen)
+        box.freeze()
+        result = run_wb(eval_args(model, gen, mine, box.out("res") / "R.json"))  # R.json and its .predictions.jsonl
+        box.check(result)
+        assert result.exit_code == 0 and "2 of 2 generations taken from it" in result.output, result.output
+
+
+@CLI
+@given(data=st.data(), rank=st.sampled_from(["generations_rank0.jsonl", "generations_rank1.jsonl"]))
+def test_cli_eval_cache_hostile(eval_inputs, data, rank):
+    """A damaged generations file (this rank's or another's): damaged lines are recomputed, never an error."""
+    model, gen, cache = eval_inputs
+    valid = (cache / "generations_rank0.jsonl").read_bytes()
+    raw = data.draw(blobs(hostile_generations(valid), valid), label=rank)
+    with Sandbox() as box:
+        mine = box.copy(cache, "cache")
+        box.write(raw, "cache", rank)
+        box.outs.append(mine)
+        box.may_read(model, gen)
+        box.freeze()
+        result = run_wb(eval_args(model, gen, mine, box.out("res") / "R.json"))
+        box.check(result)
+        assert result.exit_code == 0, result.output
+        assert json.loads(box.path("res", "R.json").read_text())["generation"]["n"] == 2
+
+
+def test_cli_eval_cache_link_is_one_error(eval_inputs):
+    """A crafted cache folder whose generations file links elsewhere: one error line, the target untouched."""
+    from clicheck import assert_one_error
+
+    model, gen, cache = eval_inputs
+    with Sandbox() as box:
+        victim = box.write(b"keep\n", "victim.txt")
+        mine = box.copy(cache, "cache")
+        (mine / "generations_rank0.jsonl").unlink()
+        (mine / "generations_rank0.jsonl").symlink_to(victim)
+        box.may_read(model, gen)
+        box.freeze()
+        result = run_wb(eval_args(model, gen, mine, box.out("res") / "R.json"))
+        box.check_untouched(result.argv)
+        assert_one_error(result, "a cache file is a symbolic link", "generations_rank0.jsonl")
+        assert victim.read_bytes() == b"keep\n"
+
+
+# -- regressions found by the long run (WB_FUZZ=1): Python's 4300-digit limit and deep YAML ----------------
+HUGE_HEX = "0x" + "f" * 5000  # YAML reads it as an int of ~6000 decimal digits, which repr() and str() refuse to write
+CONFIG_REGRESSIONS = {
+    f"lora_rank: {HUGE_HEX}": "config key lora_rank: expects an integer within 64 bits, not a value too large to show",
+    "cutoff_len: " + "9" * 30: "config key cutoff_len: expects an integer within 64 bits",  # was accepted
+    f"learning_rate: {HUGE_HEX}": "config key learning_rate: expects a finite number, not an integer beyond any float",
+    f"template: {HUGE_HEX}": "config key template: expects text, not int a value too large to show",
+    f"stage: {HUGE_HEX}": "config key stage: expects text",
+    f"max_steps: {HUGE_HEX}": "config key max_steps: a value too large to show changes training",
+    "seed: " + "9" * 5000: "cannot read the config as YAML: Exceeds the limit (4300 digits)",
+    "a: " + "[" * 5000: "cannot read the config as YAML: nested too deeply",
+    "template: " + "A" * 5000: "config key template:",
+}
+
+
+@pytest.mark.parametrize("text", CONFIG_REGRESSIONS, ids=lambda t: t[:24])
+def test_config_huge_numbers_and_deep_yaml_are_one_short_error(tmp_path, text):
+    path = tmp_path / "c.yaml"
+    path.write_text(text + "\n")
+    with pytest.raises(WorkbenchError) as caught:
+        read_config(path, wb.commands["train"])
+    line = caught.value.line()
+    assert CONFIG_REGRESSIONS[text] in line and "\n" not in line and len(line) < 400, line
+
+
+@pytest.mark.parametrize("raw", [b"1" * 5000, b"[" + b"1" * 5000 + b"]", b'{"a": ' + b"1" * 5000 + b"}\n"],
+                         ids=["line", "array", "object"])
+def test_data_file_with_a_huge_number_is_one_error(tmp_path, raw):
+    path = tmp_path / "d.json"
+    path.write_bytes(raw)
+    with pytest.raises(WorkbenchError, match="Exceeds the limit"):
+        load_conversations([path])
+
+
+@pytest.mark.parametrize("tools", ["[" * 100_000, "1" * 5000])
+def test_a_tools_string_that_json_refuses_drops_the_record(tmp_path, tools):
+    path = tmp_path / "d.jsonl"
+    good = {"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}
+    path.write_bytes(dumps({**good, "tools": tools}) + b"\n" + dumps(good) + b"\n")
+    loaded = load_conversations([path])
+    assert loaded.files[0].kept == 1 and loaded.files[0].dropped == {"tools is not valid JSON": 1}
+
+
+def test_a_pairs_record_without_prompt_is_dropped(tmp_path):
+    """The format is detected from the first record: a later one without `prompt` raised KeyError."""
+    path = tmp_path / "p.jsonl"
+    path.write_bytes(encode_records("p.jsonl", [PREF_PAIRS[1], {"chosen": "c", "rejected": "r"}]))
+    loaded = load_pairs([DataSource(path)])
+    assert len(loaded.pairs) == 1 and loaded.files[0].dropped == {f"missing prompt (first: {path}:2)": 1}
+
+
+@pytest.mark.parametrize("keys", [{"\r": "Say hi", "input": "", "output": "hi"}, {"a\nb": 1}])
+def test_record_keys_with_control_characters_stay_on_one_line(tmp_path, keys):
+    """A record's keys are named in the error; a crafted "\\r" or "\\n" key printed a second line."""
+    folder = write_dataset_dir(tmp_path / "data", damaged=("alpaca.json", dumps([keys])))
+    with pytest.raises(WorkbenchError) as caught:
+        read_dataset(folder, ["alpaca"])
+    line = caught.value.line()
+    assert "its columns map prompt='instruction'" in line and "\n" not in line and "\r" not in line, line
+    path = tmp_path / "plain.json"
+    path.write_bytes(dumps([keys]))
+    with pytest.raises(WorkbenchError, match="unknown data format") as caught:
+        load_conversations([path])
+    assert "\n" not in caught.value.line() and "\r" not in caught.value.line()
+
+
+def test_registry_names_with_control_characters_stay_on_one_line(tmp_path):
+    registry = {"alpaca": {**REGISTRY["alpaca"], "x\ny": 1}, "b": {"file_name": "alpaca.json", "columns": {"pro\nmpt": "a"}}}
+    folder = write_dataset_dir(tmp_path / "data", registry=dumps(registry))
+    for name, fragment in (("alpaca", "unknown key(s) 'x\\ny'"), ("b", "columns: unknown key(s) 'pro\\nmpt'")):
+        with pytest.raises(WorkbenchError) as caught:
+            resolve_sources([name], folder)
+        assert fragment in caught.value.line() and "\n" not in caught.value.line(), caught.value.line()
+
+
+def test_cli_base_that_is_neither_folder_nor_cached_repo_is_one_error(tiny_base):
+    with Sandbox() as box:
+        _sandboxed(box, tiny_base, yaml.safe_dump({**cli_config(SFT_NAMES), "model_name_or_path": "basex"}).encode())
+        box.freeze()
+        box.check(run_train_until_model(box))

@@ -14,7 +14,11 @@ class WorkbenchError(Exception):
         super().__init__(self.line())
 
     def line(self) -> str:
-        return f"{self.message} ({self.path})" if self.path else self.message
+        """The message and the file as one line, whatever they hold (a library's multi-line message, a
+        crafted name with a newline in it)."""
+        text = f"{self.message} ({self.path})" if self.path else self.message
+        return " ".join(part.strip() for part in text.splitlines() if part.strip()) if "\n" in text or "\r" in text \
+            else text
 
 
 class CheckFailed(WorkbenchError):

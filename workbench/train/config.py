@@ -25,6 +25,7 @@ from workbench.errors import WorkbenchError
 
 CONFIG_COPY = "train_config.yaml"
 REQUIRED = ("base", "data", "out")
+INT_LIMIT = 2**63 - 1  # an integer setting beyond this is refused: no option means anything there
 _ALIASES = {"base": "model_name_or_path", "data": "dataset", "out": "output_dir"}
 
 
@@ -167,6 +168,10 @@ def read_config(path: Path, command: click.Command, ctx: click.Context | None = 
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark is not None else ""
         raise WorkbenchError(f"cannot read the config as YAML: {detail}{where}", path) from None
+    except RecursionError:
+        raise WorkbenchError("cannot read the config as YAML: nested too deeply", path) from None
+    except ValueError as exc:  # PyYAML's int() of a number over Python's 4300-digit limit
+        raise WorkbenchError(f"cannot read the config as YAML: {str(exc)[:100]}", path) from None
     if not isinstance(data, dict):
         raise WorkbenchError(f"the config must be a mapping of settings, not {type(data).__name__}", path)
     options = {o.name: o for o in command.params if isinstance(o, click.Option)}
@@ -176,7 +181,7 @@ def read_config(path: Path, command: click.Command, ctx: click.Context | None = 
     ignored: list[str] = []
     for key, value in data.items():
         if not isinstance(key, str):
-            raise WorkbenchError(f"config key {key!r} is not text", path)
+            raise WorkbenchError(f"config key {_shown(key)} is not text", path)
         if key in SPECIAL:
             updates = _special(key, value, data, path)
         elif key in LF_KEYS:
@@ -194,10 +199,10 @@ def read_config(path: Path, command: click.Command, ctx: click.Context | None = 
             accepted = LF_REFUSED[key]
             if accepted is not _NO and (value == accepted or value is None):
                 continue
-            raise WorkbenchError(f"config key {key}: {value!r} changes training and wb train does not implement "
+            raise WorkbenchError(f"config key {key}: {_shown(value)} changes training and wb train does not implement "
                                  "it; remove the key", path)
         else:
-            raise WorkbenchError(f"unknown config key {key!r} (not a wb train option nor a LLaMA-Factory key wb "
+            raise WorkbenchError(f"unknown config key {_shown(key)} (not a wb train option nor a LLaMA-Factory key wb "
                                  "knows); check its spelling", path)
         for name, item in updates.items():
             if name in values and sources[name] != key:
@@ -225,11 +230,11 @@ def _special(key: str, value, data: dict, path: Path) -> dict[str, Any]:
         return {}
     if key == "finetuning_type":
         if value != "lora":
-            refuse(f"{value!r} is not implemented; wb train fine-tunes LoRA adapters (finetuning_type: lora)")
+            refuse(f"{_shown(value)} is not implemented; wb train fine-tunes LoRA adapters (finetuning_type: lora)")
         return {}
     if key == "quantization_method":
         if value not in ("bnb", "bitsandbytes", None):
-            refuse(f"{value!r} is not implemented; wb quantizes with bitsandbytes (bnb)")
+            refuse(f"{_shown(value)} is not implemented; wb quantizes with bitsandbytes (bnb)")
         return {}
     if key in ("bf16", "fp16"):
         if not isinstance(value, bool):
@@ -283,28 +288,40 @@ def _checked(option: click.Option, value, key: str, ctx: click.Context, path: Pa
             try:
                 value = float(value)  # PyYAML reads 5e-5 (no dot) as text; LLaMA-Factory's parser takes it
             except ValueError:
-                bad(f"expects a number, not {value!r}")
+                bad(f"expects a number, not {_shown(value)}")
         if not isinstance(value, (int, float)):
             bad(f"expects a number, not {type(value).__name__}")
         if isinstance(kind, click.types.IntParamType) and isinstance(value, float):
-            bad(f"expects an integer, not {value!r}")
+            bad(f"expects an integer, not {_shown(value)}")
         if isinstance(kind, click.types.FloatParamType) and isinstance(value, int):
             try:
                 value = float(value)
             except OverflowError:  # an integer of hundreds of digits: beyond any float
-                bad(f"expects a finite number, not an integer of {len(str(value))} digits")
+                bad("expects a finite number, not an integer beyond any float")
+        if isinstance(value, int) and not -INT_LIMIT <= value <= INT_LIMIT:  # no setting needs more than 64 bits
+            bad(f"expects an integer within 64 bits, not {_shown(value)}")
         if isinstance(value, float) and not math.isfinite(value):
-            bad(f"expects a finite number, not {value!r}")
-    elif isinstance(kind, click.Choice) and isinstance(value, int) and str(value) in kind.choices:
+            bad(f"expects a finite number, not {_shown(value)}")
+    elif isinstance(kind, click.Choice) and isinstance(value, int) and abs(value) <= INT_LIMIT and str(value) in kind.choices:
         value = str(value)
     elif not isinstance(value, str):
-        bad(f"expects text, not {type(value).__name__} {value!r}")
+        bad(f"expects text, not {type(value).__name__} {_shown(value)}")
     if isinstance(value, str) and "\x00" in value:  # a path type would stat it: ValueError, not BadParameter
         bad("contains a NUL byte")
     try:
         return kind.convert(value, option, ctx)
     except click.BadParameter as exc:
-        bad(exc.message)
+        bad(exc.message if len(exc.message) <= 200 else exc.message[:197] + "...")  # it quotes the value
+
+
+def _shown(value) -> str:
+    """A value as an error shows it: repr clipped to 60 characters. repr itself may fail: Python refuses to
+    write an integer of over 4300 digits (YAML's 0x... or 1:2:3 forms make one from a short text)."""
+    try:
+        text = repr(value)
+    except ValueError:
+        return "a value too large to show"
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def merge(ctx: click.Context, config: ConfigFile) -> dict:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from workbench.errors import WorkbenchError
-from workbench.train.datasets import DataSource
+from workbench.train.datasets import DataSource, shown_names
 
 FORMATS = ("auto", "alpaca", "sharegpt", "columns")
 COLUMN_KEYS = ("prompt", "query", "response", "system")
@@ -141,7 +141,7 @@ def _lf_converter(source: DataSource, records: list[dict], path: Path):
                    and key in ("prompt", "response", "messages")]
         if missing:
             raise WorkbenchError(f"dataset {source.name!r}: its columns map {', '.join(missing)}, but the records have "
-                                 f"keys {', '.join(sorted(records[0]))}", path)
+                                 f"keys {shown_names(sorted(records[0]))}", path)
     if source.formatting == "alpaca":
         return lambda record: _from_lf_alpaca(record, columns)
     return lambda record: _from_lf_sharegpt(record, columns, tags)
@@ -231,6 +231,8 @@ def _parse_records(raw: bytes, path: Path) -> list[dict]:
             raise WorkbenchError(f"bad JSON: {exc.msg} (column {exc.colno})", f"{path}:{exc.lineno}") from None
         except RecursionError:
             raise WorkbenchError("bad JSON: nested too deeply", path) from None
+        except ValueError as exc:  # not JSONDecodeError: a number over Python's 4300-digit limit
+            raise WorkbenchError(f"bad JSON: {str(exc)[:100]}", path) from None
         for index, record in enumerate(records):
             if not isinstance(record, dict):
                 raise WorkbenchError(f"record {index} is a {type(record).__name__}, not an object", path)
@@ -245,6 +247,8 @@ def _parse_records(raw: bytes, path: Path) -> list[dict]:
             raise WorkbenchError(f"bad JSON line: {exc.msg} (column {exc.colno})", f"{path}:{number}") from None
         except RecursionError:
             raise WorkbenchError("bad JSON line: nested too deeply", f"{path}:{number}") from None
+        except ValueError as exc:  # not JSONDecodeError: a number over Python's 4300-digit limit
+            raise WorkbenchError(f"bad JSON line: {str(exc)[:100]}", f"{path}:{number}") from None
         if not isinstance(record, dict):
             raise WorkbenchError(f"a JSON line must be an object, not {type(record).__name__}", f"{path}:{number}")
         records.append(record)
@@ -266,7 +270,7 @@ def _detect(records: list[dict], fmt: str, column_map: dict | None, path: Path) 
     if {"prompt", "response"} <= keys:
         return "columns"
     raise WorkbenchError(
-        f"unknown data format: records have keys {', '.join(sorted(keys))}; expected alpaca "
+        f"unknown data format: records have keys {shown_names(sorted(keys))}; expected alpaca "
         "(instruction/input/output), sharegpt (conversations or messages) or prompt/response; "
         "name the columns with --columns prompt=COL,response=COL or force --format",
         path,
@@ -361,7 +365,7 @@ def _tools(value) -> list | None:
     if isinstance(value, str):
         try:
             value = json.loads(value)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):  # JSONDecodeError, a >4300-digit number, nesting too deep
             raise Dropped("tools is not valid JSON") from None
     if not isinstance(value, list):
         raise Dropped("tools is not a list")

@@ -30,6 +30,13 @@ ENTRY_KEYS = {"file_name", "formatting", "columns", "tags", "ranking", "subset",
 DATA_SUFFIXES = (".json", ".jsonl")
 
 
+def shown_names(names, limit: int = 200) -> str:
+    """Names read from a file, for an error line: comma-separated, clipped to `limit` characters; one that is
+    not printable text is shown quoted (repr escapes a crafted newline, so the message stays one line)."""
+    text = ", ".join(n if isinstance(n, str) and n.isprintable() else repr(n) for n in names)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 @dataclass
 class DataSource:
     """One file to read and how: a plain --data file (the defaults) or a dataset_info.json entry."""
@@ -82,18 +89,18 @@ def _entry_sources(name: str, registry: dict, folder: Path) -> list[DataSource]:
     where = Path(folder) / REGISTRY
     if name not in registry:
         close = difflib.get_close_matches(name, [str(k) for k in registry], n=5, cutoff=0.5)
-        hint = f"; close names: {', '.join(close)}" if close else ""
+        hint = f"; close names: {shown_names(close)}" if close else ""
         raise WorkbenchError(f"no data file and no dataset named {name!r} in {REGISTRY}{hint}", where)
     entry = registry[name]
     if not isinstance(entry, dict):
         raise WorkbenchError(f"dataset {name!r} is a {type(entry).__name__}, not an object", where)
     unknown = sorted(set(entry) - ENTRY_KEYS)
     if unknown:
-        raise WorkbenchError(f"dataset {name!r} has unknown key(s) {', '.join(map(str, unknown))}", where)
+        raise WorkbenchError(f"dataset {name!r} has unknown key(s) {shown_names(unknown)}", where)
     if "file_name" not in entry:
         hub = next((k for k in HUB_KEYS if k in entry), None)
         if hub:
-            raise WorkbenchError(f"dataset {name!r} is a hub dataset ({hub}: {entry[hub]}), not available offline; "
+            raise WorkbenchError(f"dataset {name!r} is a hub dataset ({hub}: {shown_names([entry[hub]])}), not available offline; "
                                  "download it and name its file in file_name", where)
         raise WorkbenchError(f"dataset {name!r} has no file_name", where)
     formatting = entry.get("formatting", "alpaca")
@@ -115,11 +122,11 @@ def _entry_sources(name: str, registry: dict, folder: Path) -> list[DataSource]:
 
 
 def _string_map(value, keys: tuple[str, ...], what: str, where: Path) -> dict[str, str]:
-    if not isinstance(value, dict) or not all(isinstance(v, str) and v for v in value.values()):
+    if not isinstance(value, dict) or not all(isinstance(v, str) and v and v.isprintable() for v in value.values()):
         raise WorkbenchError(f"{what} must be an object of names", where)
     unknown = sorted(set(value) - set(keys))
     if unknown:
-        raise WorkbenchError(f"{what}: unknown key(s) {', '.join(unknown)} (known: {', '.join(keys)})", where)
+        raise WorkbenchError(f"{what}: unknown key(s) {shown_names(unknown)} (known: {', '.join(keys)})", where)
     return dict(value)
 
 

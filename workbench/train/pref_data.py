@@ -44,7 +44,7 @@ from workbench.train.data import (
     _parse_records,
     _read_bytes,
 )
-from workbench.train.datasets import DataSource
+from workbench.train.datasets import DataSource, shown_names
 from workbench.train.templates import ChatTemplate
 
 PREF_FORMATS = ("auto", "alpaca", "sharegpt", "pairs")
@@ -153,7 +153,7 @@ def _detect(records: list[dict], fmt: str, path: Path) -> str:
     if "prompt" in keys:
         return "pairs"
     raise WorkbenchError(
-        f"unknown preference data format: records have keys {', '.join(sorted(keys))}; expected alpaca "
+        f"unknown preference data format: records have keys {shown_names(sorted(keys))}; expected alpaca "
         "(instruction/input with chosen/rejected), sharegpt (conversations with chosen/rejected messages) or "
         "prompt/chosen/rejected",
         path,
@@ -175,6 +175,8 @@ def _convert(record: dict, fmt: str, tags: dict[str, str]) -> Pair:
                                  "system": record.get("system"), "tools": record.get("tools")})
                  for side in ("chosen", "rejected")]
     else:
+        if "prompt" not in record:  # the format is detected from the first record only
+            raise Dropped("missing prompt")
         prompt = record["prompt"]
         if isinstance(prompt, str):
             prompt = [{"role": "user", "content": prompt}]

@@ -470,7 +470,8 @@ def _load_tokenizer(base: str, trust_remote_code: bool):
     try:
         return AutoTokenizer.from_pretrained(base, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise WorkbenchError(f"cannot load the tokenizer: {exc}", base) from None
+        raise WorkbenchError(f"cannot load the tokenizer: {(str(exc).splitlines() or [type(exc).__name__])[0][:300]}",
+                             base) from None
 
 
 def _load_model(base: str, compute: torch.dtype, strategy: str | None, trust_remote_code: bool, checkpointing: bool,
@@ -489,7 +490,8 @@ def _load_model(base: str, compute: torch.dtype, strategy: str | None, trust_rem
         model = AutoModelForCausalLM.from_pretrained(base, dtype=load_dtype, trust_remote_code=trust_remote_code,
                                                      **placed)
     except (OSError, ValueError) as exc:
-        raise WorkbenchError(f"cannot load the base model: {exc}", base) from None
+        raise WorkbenchError(f"cannot load the base model: {(str(exc).splitlines() or [type(exc).__name__])[0][:300]}",
+                             base) from None
     if quantization is not None:
         adapters.release_checkpoint_memory(model)
         model = adapters.prepare_quantized(model, checkpointing)
