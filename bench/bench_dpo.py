@@ -15,13 +15,12 @@ trl's conversational prompt/chosen/rejected rows, tokenized by trl.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
-from bench.bench_train import HIDDEN, INTERMEDIATE, LAYERS, WORDS
-from bench.measure import run_measured, target
+from bench.bench_train import HIDDEN, LAYERS, WORDS, build_base
+from bench.measure import alternate_train_runs, best_tokens_per_s, target
 
 PAIRS, EPOCHS, BATCH, CUTOFF, LR, BETA = 64, 1, 4, 256, 5e-5, 0.1
 LOGGING_STEPS, SAVE_STEPS = 4, 1000
@@ -31,15 +30,7 @@ def build(work: Path) -> tuple[Path, Path]:
     """The base model folder and an alpaca preference JSON file, seeded."""
     import random
 
-    import torch
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from tiny import make_model, make_tokenizer, save_layout, state_dict_for_files
-
-    tokenizer = make_tokenizer()
-    model = make_model(len(tokenizer), seed=0, hidden=HIDDEN, layers=LAYERS, intermediate=INTERMEDIATE)
-    base = save_layout(state_dict_for_files(model), work / "base", dtype=torch.float32, config=model.config,
-                       tokenizer=tokenizer)
+    base = build_base(work)
     rng = random.Random(0)
 
     def text(low: int, high: int) -> str:
@@ -81,25 +72,17 @@ def trl_direct(base: str, data: str, out: str, result: str) -> None:
 
 def run(work_dir: Path) -> dict:
     base, data = build(work_dir)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
-    runs: dict[str, list[dict]] = {"trl": [], "wb": []}
-    for attempt in range(2):
-        out, result = work_dir / f"trl-{attempt}", work_dir / f"trl-{attempt}.json"
-        measured = run_measured([sys.executable, "-m", "bench.bench_dpo", "trl", str(base), str(data), str(out),
-                                 str(result)], env=env)
-        _check(measured, "trl DPOTrainer")
-        runs["trl"].append({**json.loads(result.read_text()), "wall_s": measured["wall_s"]})
-        out = work_dir / f"wb-{attempt}"
-        measured = run_measured([sys.executable, "-m", "workbench", "train", "--stage", "dpo", "--base", str(base),
-                                 "--data", str(data), "--out", str(out), "--epochs", str(EPOCHS),
-                                 "--batch-size", str(BATCH), "--grad-accum", "1", "--cutoff-len", str(CUTOFF),
-                                 "--lr", str(LR), "--pref-beta", str(BETA), "--logging-steps", str(LOGGING_STEPS),
-                                 "--save-steps", str(SAVE_STEPS), "--device", "cpu"], env=env)
-        _check(measured, "wb train --stage dpo")
-        metrics = json.loads((out / "metrics.json").read_text())
-        runs["wb"].append({key: metrics[key] for key in ("train_runtime_s", "train_tokens", "tokens_per_s")}
-                          | {"wall_s": measured["wall_s"]})
-    best = {name: max(r["tokens_per_s"] for r in entries) for name, entries in runs.items()}
+
+    def wb_command(out: Path) -> list[str]:
+        return ["--stage", "dpo", "--base", str(base), "--data", str(data), "--out", str(out),
+                "--epochs", str(EPOCHS), "--batch-size", str(BATCH), "--grad-accum", "1", "--cutoff-len", str(CUTOFF),
+                "--lr", str(LR), "--pref-beta", str(BETA), "--logging-steps", str(LOGGING_STEPS),
+                "--save-steps", str(SAVE_STEPS), "--device", "cpu"]
+
+    runs = alternate_train_runs(work_dir, "trl",
+                                [sys.executable, "-m", "bench.bench_dpo", "trl", str(base), str(data)],
+                                wb_command, ("trl DPOTrainer", "wb train --stage dpo"))
+    best = best_tokens_per_s(runs)
     overhead = 1 - best["wb"] / best["trl"]
     return {
         "figures": {
@@ -114,11 +97,6 @@ def run(work_dir: Path) -> dict:
         },
         "targets": {"dpo_tokens_per_s_overhead": target(overhead, 0.10)},
     }
-
-
-def _check(measured: dict, name: str) -> None:
-    if measured["returncode"] != 0:
-        raise RuntimeError(f"{name} failed: {measured['stderr_tail']}")
 
 
 if __name__ == "__main__" and len(sys.argv) == 6 and sys.argv[1] == "trl":

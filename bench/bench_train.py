@@ -13,12 +13,11 @@ contention), and report tokens/s = non-padding tokens trained / the Trainer's tr
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
 
-from bench.measure import run_measured, target
+from bench.measure import alternate_train_runs, best_tokens_per_s, target
 
 HIDDEN, LAYERS, INTERMEDIATE = 256, 4, 688
 RECORDS, EPOCHS, BATCH, CUTOFF, LR = 128, 1, 8, 256, 2e-4
@@ -27,10 +26,8 @@ WORDS = ("the capital of France is Paris the capital of Italy is Rome question w
          "write an advertisement for a black striped dress simple and elegant").split()
 
 
-def build(work: Path) -> tuple[Path, Path]:
-    """The base model folder and an alpaca JSON file, seeded."""
-    import random
-
+def build_base(work: Path) -> Path:
+    """The bench model, the tests' tiny Llama scaled up to HIDDEN, LAYERS, INTERMEDIATE (seeded): work/base."""
     import torch
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
@@ -38,8 +35,15 @@ def build(work: Path) -> tuple[Path, Path]:
 
     tokenizer = make_tokenizer()
     model = make_model(len(tokenizer), seed=0, hidden=HIDDEN, layers=LAYERS, intermediate=INTERMEDIATE)
-    base = save_layout(state_dict_for_files(model), work / "base", dtype=torch.float32, config=model.config,
+    return save_layout(state_dict_for_files(model), work / "base", dtype=torch.float32, config=model.config,
                        tokenizer=tokenizer)
+
+
+def build(work: Path) -> tuple[Path, Path]:
+    """The base model folder and an alpaca JSON file, seeded."""
+    import random
+
+    base = build_base(work)
     rng = random.Random(0)
     rows = [{"instruction": " ".join(rng.choices(WORDS, k=rng.randint(6, 16))), "input": "",
              "output": " ".join(rng.choices(WORDS, k=rng.randint(15, 35)))} for _ in range(RECORDS)]
@@ -87,26 +91,16 @@ def baseline(base: str, data: str, out: str, result: str) -> None:
 
 def run(work_dir: Path) -> dict:
     base, data = build(work_dir)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
-    runs: dict[str, list[dict]] = {"baseline": [], "wb": []}
-    for attempt in range(2):
-        out = work_dir / f"baseline-{attempt}"
-        result = work_dir / f"baseline-{attempt}.json"
-        measured = run_measured([sys.executable, "-m", "bench.bench_train", "baseline", str(base), str(data), str(out),
-                                 str(result)], env=env)
-        _check(measured, "baseline")
-        runs["baseline"].append({**json.loads(result.read_text()), "wall_s": measured["wall_s"]})
-        out = work_dir / f"wb-{attempt}"
-        measured = run_measured([sys.executable, "-m", "workbench", "train", "--base", str(base), "--data", str(data),
-                                 "--out", str(out), "--epochs", str(EPOCHS), "--batch-size", str(BATCH),
-                                 "--grad-accum", "1", "--cutoff-len", str(CUTOFF), "--lr", str(LR),
-                                 "--logging-steps", str(LOGGING_STEPS), "--save-steps", str(SAVE_STEPS),
-                                 "--device", "cpu"], env=env)
-        _check(measured, "wb train")
-        metrics = json.loads((out / "metrics.json").read_text())
-        runs["wb"].append({key: metrics[key] for key in ("train_runtime_s", "train_tokens", "tokens_per_s")}
-                          | {"wall_s": measured["wall_s"]})
-    best = {name: max(r["tokens_per_s"] for r in entries) for name, entries in runs.items()}
+
+    def wb_command(out: Path) -> list[str]:
+        return ["--base", str(base), "--data", str(data), "--out", str(out), "--epochs", str(EPOCHS),
+                "--batch-size", str(BATCH), "--grad-accum", "1", "--cutoff-len", str(CUTOFF), "--lr", str(LR),
+                "--logging-steps", str(LOGGING_STEPS), "--save-steps", str(SAVE_STEPS), "--device", "cpu"]
+
+    runs = alternate_train_runs(work_dir, "baseline",
+                                [sys.executable, "-m", "bench.bench_train", "baseline", str(base), str(data)],
+                                wb_command, ("baseline", "wb train"))
+    best = best_tokens_per_s(runs)
     overhead = 1 - best["wb"] / best["baseline"]
     return {
         "figures": {
@@ -120,11 +114,6 @@ def run(work_dir: Path) -> dict:
         },
         "targets": {"train_tokens_per_s_overhead": target(overhead, 0.10)},
     }
-
-
-def _check(measured: dict, name: str) -> None:
-    if measured["returncode"] != 0:
-        raise RuntimeError(f"{name} failed: {measured['stderr_tail']}")
 
 
 if __name__ == "__main__" and len(sys.argv) == 6 and sys.argv[1] == "baseline":

@@ -16,10 +16,9 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from clicheck import assert_one_error
 from click.testing import CliRunner
-from test_eval_parallel import SUBJECTS, gen_file, mmlu_folder, read_lines
+from tiny import MMLU_SUBJECTS, read_jsonl, write_gen_data, write_mmlu
 
 from workbench.cli import wb
 from workbench.errors import WorkbenchError
@@ -29,12 +28,7 @@ from workbench.evals.run import _fingerprints, evaluate
 RECORDS = 60
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def args(model: Path, data: Path, gen: Path, out: Path, *extra: str) -> list[str]:
@@ -52,12 +46,14 @@ def same_answers(one: Path, other: Path) -> None:
     assert second["generation"]["metrics"] == first["generation"]["metrics"]
     assert second["generation"]["new_tokens"] == first["generation"]["new_tokens"]
     for suffix in ("samples", "predictions"):
-        assert read_lines(other.with_suffix(f".{suffix}.jsonl")) == read_lines(one.with_suffix(f".{suffix}.jsonl"))
+        name = f".{suffix}.jsonl"
+        assert read_jsonl(other.with_suffix(name)) == read_jsonl(one.with_suffix(name))
 
 
 @pytest.mark.slow
 def test_a_killed_run_resumes_from_the_cache(tmp_path, tiny_model):
-    data, gen, cache = mmlu_folder(tmp_path / "mmlu"), gen_file(tmp_path / "gen.json", RECORDS), tmp_path / "cache"
+    data, gen = write_mmlu(tmp_path / "mmlu"), write_gen_data(tmp_path / "gen.json", RECORDS)
+    cache = tmp_path / "cache"
     fresh = CliRunner().invoke(wb, args(tiny_model, data, gen, tmp_path / "fresh" / "R.json"))
     assert fresh.exit_code == 0, fresh.output
 
@@ -78,7 +74,7 @@ def test_a_killed_run_resumes_from_the_cache(tmp_path, tiny_model):
     assert resumed.exit_code == 0, resumed.output
     same_answers(tmp_path / "fresh" / "R.json", tmp_path / "resumed" / "R.json")
     counts = json.loads((tmp_path / "resumed" / "R.json").read_text())["provenance"]["cache"]
-    questions = sum(SUBJECTS.values()) * 4  # every benchmark request was answered before generation began
+    questions = sum(MMLU_SUBJECTS.values()) * 4  # every benchmark request was answered before generation
     assert counts["dir"] == str(cache.resolve())
     assert counts["lm_eval"] == {"requests": questions, "from_cache": questions,
                                  "loglikelihood": {"requests": questions, "from_cache": questions}}
@@ -97,7 +93,7 @@ def test_a_killed_run_resumes_from_the_cache(tmp_path, tiny_model):
 
 def test_more_questions_reuse_the_ones_scored(tmp_path, tiny_model):
     """lm-eval's requests are keyed by their text: --limit 3 after --limit 2 scores only the third question."""
-    data, cache = mmlu_folder(tmp_path / "mmlu"), tmp_path / "cache"
+    data, cache = write_mmlu(tmp_path / "mmlu"), tmp_path / "cache"
     for limit in (2, 3):
         evaluate(tiny_model, data_dir=[f"mmlu={data}"], num_fewshot=1, limit=limit, device="cpu", cache=cache,
                  out=tmp_path / f"R{limit}.json")
@@ -109,7 +105,7 @@ def test_more_questions_reuse_the_ones_scored(tmp_path, tiny_model):
 
 
 def test_another_model_never_reads_the_answers(tmp_path, tiny_models):
-    gen, cache = gen_file(tmp_path / "gen.json", 2), tmp_path / "cache"
+    gen, cache = write_gen_data(tmp_path / "gen.json", 2), tmp_path / "cache"
     for seed, expected in ((0, 0), (1, 0), (0, 2)):
         result = evaluate(tiny_models(seed=seed), gen_data=gen, max_new_tokens=3, device="cpu", cache=cache, force=True,
                           out=tmp_path / f"R{seed}.json")
@@ -166,7 +162,7 @@ def test_cached_responses_are_checked_by_type(tmp_path):
 
 
 def test_a_damaged_database_is_one_error_line(tmp_path, tiny_model):
-    data, cache = mmlu_folder(tmp_path / "mmlu"), tmp_path / "cache"
+    data, cache = write_mmlu(tmp_path / "mmlu"), tmp_path / "cache"
     key = model_key(_fingerprints(tiny_model, None), "float32", "cpu", "hf")
     path = cache / "lm_eval" / f"{key[:32]}_rank0.db"
     path.parent.mkdir(parents=True)

@@ -8,15 +8,14 @@ two dev examples); the prompts lm-eval builds are read where lm-eval hands them 
 
 from __future__ import annotations
 
-import csv
 import json
 import shlex
 from pathlib import Path
 
 import pytest
-import torch
 from clicheck import assert_one_error
 from click.testing import CliRunner
+from tiny import write_mmlu
 
 from workbench.cli import wb
 from workbench.evals.compare import Candidate, reuse_mismatches
@@ -29,24 +28,14 @@ OTHER = "Answer quickly."
 SUBJECT = "wb_colours"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory) -> str:
-    """custom=DIR: one subject in MMLU's layout (dev: the shots, test: the questions)."""
-    root = tmp_path_factory.mktemp("mc")
-    for split, n in (("dev", 2), ("test", 2)):
-        path = root / "data" / split / f"{SUBJECT}_{split}.csv"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("w", encoding="utf-8", newline="") as handle:
-            csv.writer(handle).writerows([[f"{split} question {i}?", "red", "blue", "green", "none", "ABCD"[i]]
-                                          for i in range(n)])
+    """custom=DIR: one subject in MMLU's layout (dev: the shots, test: the questions), two of each."""
+    root = write_mmlu(tmp_path_factory.mktemp("mc"), {SUBJECT: 2}, dev=2, question="{split} question {i}?",
+                      choices=("red", "blue", "green", "none"))
     return f"custom={root}"
 
 

@@ -7,7 +7,6 @@ every per-subject score, every sample line and every generated text must come ou
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 import os
@@ -17,42 +16,15 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from clicheck import assert_one_error
 from click.testing import CliRunner
+from tiny import MMLU_SUBJECTS, read_jsonl, write_gen_data, write_mmlu
 
 from workbench.cli import wb
 from workbench.evals import parallel
 from workbench.evals.run import evaluate
 
-SUBJECTS = {"nutrition": 5, "anatomy": 4}  # odd and even: lm-eval pads the short rank of nutrition
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def mmlu_folder(root: Path) -> Path:
-    """MMLU's official CSV layout (data/dev, data/test; no header): two subjects, answers spread over A-D."""
-    for subject, count in SUBJECTS.items():
-        for split, n in (("dev", 5), ("test", count)):
-            path = root / "data" / split / f"{subject}_{split}.csv"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with path.open("w", encoding="utf-8", newline="") as handle:
-                csv.writer(handle).writerows(
-                    [[f"{subject} {split} question {i}: which colour?", "red", "blue", "green", "black", "ABCD"[i % 4]]
-                     for i in range(n)])
-    return root
-
-
-def gen_file(path: Path, count: int) -> Path:
-    records = [{"instruction": f"Say the number {i} twice", "input": "", "output": f"{i} {i}"} for i in range(count)]
-    path.write_text(json.dumps(records), encoding="utf-8")
-    return path
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def eval_args(model: Path, data: Path, gen: Path, out: Path, *extra: str) -> list[str]:
@@ -60,13 +32,9 @@ def eval_args(model: Path, data: Path, gen: Path, out: Path, *extra: str) -> lis
             "--max-new-tokens", "4", "--batch-size", "2", "--device", "cpu", "--out", str(out), *extra]
 
 
-def read_lines(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
-
-
 @pytest.mark.slow
 def test_two_processes_score_and_generate_as_one(tmp_path, tiny_model):
-    data, gen = mmlu_folder(tmp_path / "mmlu"), gen_file(tmp_path / "gen.json", 5)
+    data, gen = write_mmlu(tmp_path / "mmlu"), write_gen_data(tmp_path / "gen.json", 5)
     one = CliRunner().invoke(wb, eval_args(tiny_model, data, gen, tmp_path / "one" / "R.json"))
     assert one.exit_code == 0, one.output
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -83,14 +51,14 @@ def test_two_processes_score_and_generate_as_one(tmp_path, tiny_model):
     assert two.stdout == one.stdout  # rank 0 prints the same lines; the other rank prints nothing
 
     first, second = (json.loads((tmp_path / d / "R.json").read_text()) for d in ("one", "two"))
-    for subject, count in SUBJECTS.items():
+    for subject, count in MMLU_SUBJECTS.items():
         task = f"mmlu_{subject}"
         assert second["n-samples"][task] == first["n-samples"][task] == {"original": count, "effective": count}
         assert second["results"][task] == first["results"][task]  # acc, acc_norm and their stderr, bit for bit
     assert second["groups"] == first["groups"]
     assert second["generation"]["metrics"] == first["generation"]["metrics"]
-    assert read_lines(tmp_path / "two" / "R.samples.jsonl") == read_lines(tmp_path / "one" / "R.samples.jsonl")
-    predictions = [read_lines(tmp_path / d / "R.predictions.jsonl") for d in ("one", "two")]
+    assert read_jsonl(tmp_path / "two" / "R.samples.jsonl") == read_jsonl(tmp_path / "one" / "R.samples.jsonl")
+    predictions = [read_jsonl(tmp_path / d / "R.predictions.jsonl") for d in ("one", "two")]
     assert [r["prediction"] for r in predictions[1]] == [r["prediction"] for r in predictions[0]]
     assert predictions[1] == predictions[0] and [r["id"] for r in predictions[1]] == list(range(5))
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["R.json", "R.predictions.jsonl", "R.samples.jsonl"]
@@ -110,11 +78,11 @@ def test_two_processes_score_and_generate_as_one(tmp_path, tiny_model):
     assert resumed["results"] == first["results"] and resumed["generation"]["metrics"] == first["generation"]["metrics"]
     assert resumed["provenance"]["cache"]["lm_eval"]["loglikelihood"] == {"requests": 40, "from_cache": 40}
     assert resumed["provenance"]["cache"]["generation"] == {"requests": 5, "from_cache": 5, "skipped_lines": 0}
-    assert read_lines(tmp_path / "resumed" / "R.predictions.jsonl") == predictions[0]
+    assert read_jsonl(tmp_path / "resumed" / "R.predictions.jsonl") == predictions[0]
 
 
 def test_a_refused_output_stops_before_any_process_starts(tmp_path, tiny_model):
-    data, gen = mmlu_folder(tmp_path / "mmlu"), gen_file(tmp_path / "gen.json", 2)
+    data, gen = write_mmlu(tmp_path / "mmlu"), write_gen_data(tmp_path / "gen.json", 2)
     out = tmp_path / "R.json"
     out.write_text("{}")
     result = CliRunner().invoke(wb, eval_args(tiny_model, data, gen, out, "--nproc", "2"))
@@ -127,14 +95,14 @@ def test_a_refused_output_stops_before_any_process_starts(tmp_path, tiny_model):
 def test_nproc_is_refused_under_a_launcher(tmp_path, tiny_model, monkeypatch):
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    result = CliRunner().invoke(wb, eval_args(tiny_model, mmlu_folder(tmp_path / "mmlu"), gen_file(tmp_path / "g.json", 1),
-                                              tmp_path / "R.json", "--nproc", "2"))
+    data, gen = write_mmlu(tmp_path / "mmlu"), write_gen_data(tmp_path / "g.json", 1)
+    result = CliRunner().invoke(wb, eval_args(tiny_model, data, gen, tmp_path / "R.json", "--nproc", "2"))
     assert_one_error(result, "leave it out under accelerate launch")
 
 
 def test_child_command_is_the_same_eval_without_nproc(tmp_path, tiny_model, monkeypatch):
     """What `--nproc 2` launches: accelerate with the shipped ddp.yaml, then every option spelled out."""
-    data, gen = mmlu_folder(tmp_path / "mmlu"), gen_file(tmp_path / "gen.json", 2)
+    data, gen = write_mmlu(tmp_path / "mmlu"), write_gen_data(tmp_path / "gen.json", 2)
     seen = {}
 
     def fake_run(command, debug):
@@ -184,13 +152,13 @@ class Terminal(io.StringIO):
 
 def test_one_bar_counts_every_request_of_the_run(tmp_path, tiny_model, monkeypatch):
     """On a terminal: one bar, benchmarks and generation together, ending at total of total; no other bar."""
-    data, gen = mmlu_folder(tmp_path / "mmlu"), gen_file(tmp_path / "gen.json", 3)
+    data, gen = write_mmlu(tmp_path / "mmlu"), write_gen_data(tmp_path / "gen.json", 3)
     terminal = Terminal()
     monkeypatch.setattr(sys, "stderr", terminal)
     results = evaluate(tiny_model, data_dir=[f"mmlu={data}"], num_fewshot=0, limit=2, gen_data=gen, max_new_tokens=3,
                        batch_size=2, device="cpu", out=tmp_path / "R.json")
     monkeypatch.undo()
-    expected = 2 * len(SUBJECTS) * 4 + 3  # 2 questions per subject x 4 options, 3 records
+    expected = 2 * len(MMLU_SUBJECTS) * 4 + 3  # 2 questions per subject x 4 options, 3 records
     assert results["provenance"]["requests"] == {"done": expected, "total": expected}
     frames = [frame for frame in re.split(r"[\r\n]", terminal.getvalue()) if frame.strip()]
     counts = [re.search(r"(\d+)/(\d+) \[", frame) for frame in frames]
@@ -248,7 +216,7 @@ def test_a_failing_process_is_one_error_line(tmp_path, tiny_model):
     model.mkdir()
     for name in ("config.json", "model.safetensors"):
         (model / name).symlink_to(tiny_model / name)
-    gen = gen_file(tmp_path / "gen.json", 2)
+    gen = write_gen_data(tmp_path / "gen.json", 2)
     failed = subprocess.run([sys.executable, "-m", "workbench", "eval", "--model", str(model), "--gen-data", str(gen),
                              "--device", "cpu", "--out", str(tmp_path / "R.json"), "--nproc", "2"],
                             capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)

@@ -12,9 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
-from conftest import shared_path
-from tiny import make_model, save_layout, state_dict_for_files
+from conftest import run_train, shared_path, train_args
+from tiny import make_model, read_log, save_layout, state_dict_for_files
 
 from workbench.cli import wb
 from workbench.errors import WorkbenchError
@@ -22,59 +21,22 @@ from workbench.train.data import load_conversations
 from workbench.train.encode import IGNORE, encode_all
 from workbench.train.templates import resolve_template
 
-WORDS = ["Paris", "Rome", "four", "dress", "answer", "correct", "wrong", "simple"]
 LOG_FIELDS = {"step", "total_steps", "loss", "lr", "epoch", "tokens_per_s", "elapsed_s"}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Two cores shared with other test runs: one torch thread is many times faster than two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def learn_model(tmp_path_factory, tiny_tokenizer) -> Path:
-    """The tiny Llama with a pretrained-like logit scale (random init gives near-uniform logits)."""
-    model = make_model(len(tiny_tokenizer), seed=0)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(16)
-    folder = tmp_path_factory.mktemp("learn") / "model"
-    return save_layout(state_dict_for_files(model), folder, config=model.config, tokenizer=tiny_tokenizer)
-
-
-@pytest.fixture(scope="module")
-def learn_data(tmp_path_factory) -> Path:
-    """A learnable alpaca task: "Say X" -> "X X X"."""
-    path = tmp_path_factory.mktemp("data") / "say.json"
-    rows = [{"instruction": f"Say {w}", "input": "", "output": f"{w} {w} {w}"} for w in WORDS] * 5
-    path.write_text(json.dumps(rows))
-    return path
-
-
-def run_cli(*args: str):
-    return CliRunner().invoke(wb, ["train", *args])
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def base_args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
-    return ["--base", str(model), "--data", str(data), "--out", str(out), "--cutoff-len", "64", "--batch-size", "4",
-            "--grad-accum", "1", "--lr", "1e-2", "--logging-steps", "4", *extra]
+    return train_args(model, data, out, "--lr", "1e-2", "--logging-steps", "4", *extra)
 
 
 @pytest.fixture(scope="module")
 def trained(learn_model, learn_data, tmp_path_factory):
     """One CLI run: 36 train examples / batch 4 = 9 steps per epoch x 4 epochs; 4 validation examples."""
     out = tmp_path_factory.mktemp("run") / "out"
-    result = run_cli(*base_args(learn_model, learn_data, out, "--epochs", "4", "--val-size", "4",
-                                "--eval-steps", "12", "--save-steps", "12", "--json"))
+    result = run_train(*base_args(learn_model, learn_data, out, "--epochs", "4", "--val-size", "4",
+                                  "--eval-steps", "12", "--save-steps", "12", "--json"))
     assert result.exit_code == 0, result.output
     return out, json.loads(result.stdout), result.stderr
-
-
-def read_log(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
 
 
 # ---- training runs -------------------------------------------------------------------------------------------
@@ -168,10 +130,10 @@ def test_train_result_reports_one_line_on_rank_0_only(tmp_path, monkeypatch):
 
 def test_resume_continues_the_step_count(learn_model, learn_data, tmp_path):
     out = tmp_path / "out"
-    first = run_cli(*base_args(learn_model, learn_data, out, "--epochs", "1", "--save-steps", "5"))
+    first = run_train(*base_args(learn_model, learn_data, out, "--epochs", "1", "--save-steps", "5"))
     assert first.exit_code == 0, first.output
-    assert run_cli(*base_args(learn_model, learn_data, out, "--epochs", "1")).exit_code == 1  # exists
-    again = run_cli(*base_args(learn_model, learn_data, out, "--epochs", "2", "--resume", "--json"))
+    assert run_train(*base_args(learn_model, learn_data, out, "--epochs", "1")).exit_code == 1  # exists
+    again = run_train(*base_args(learn_model, learn_data, out, "--epochs", "2", "--resume", "--json"))
     assert again.exit_code == 0, again.output
     metrics = json.loads(again.stdout)
     assert metrics["resumed_from"] == "checkpoint-10" and metrics["steps"] == 20
@@ -182,7 +144,7 @@ def test_resume_continues_the_step_count(learn_model, learn_data, tmp_path):
 
 
 def test_resume_without_a_checkpoint_is_an_error(learn_model, learn_data, tmp_path):
-    result = run_cli(*base_args(learn_model, learn_data, tmp_path / "none", "--resume"))
+    result = run_train(*base_args(learn_model, learn_data, tmp_path / "none", "--resume"))
     assert result.exit_code == 1 and "no checkpoint to continue from" in result.stderr
 
 
@@ -192,8 +154,8 @@ def test_builtin_template_is_saved_with_the_tokenizer(learn_model, learn_data, t
     from workbench.train.templates import BUILTINS
 
     out = tmp_path / "out"
-    result = run_cli(*base_args(learn_model, learn_data, out, "--template", "default", "--max-samples", "8",
-                                "--epochs", "1", "--train-on-prompt"))
+    result = run_train(*base_args(learn_model, learn_data, out, "--template", "default", "--max-samples", "8",
+                                  "--epochs", "1", "--train-on-prompt"))
     assert result.exit_code == 0, result.output
     assert AutoTokenizer.from_pretrained(out).chat_template == BUILTINS["default"]
     assert json.loads((out / "train_args.json").read_text())["data"]["kept"] == 8
@@ -215,7 +177,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(learn_model, learn_da
 
     monkeypatch.setattr(WbTrainer, "compute_loss", poisoned)
     out = tmp_path / "out"
-    result = run_cli(*base_args(learn_model, learn_data, out, "--epochs", "1", "--save-steps", "1"))
+    result = run_train(*base_args(learn_model, learn_data, out, "--epochs", "1", "--save-steps", "1"))
     assert result.exit_code == 1
     assert "the loss became nan at step 4" in result.stderr
     assert "checkpoint-3 (the weights that gave it) was renamed nan-checkpoint-3" in result.stderr
@@ -228,28 +190,28 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(learn_model, learn_da
 
 def test_a_diverging_learning_rate_stops_at_the_first_nan(learn_model, learn_data, tmp_path):
     out = tmp_path / "out"
-    result = run_cli(*base_args(learn_model, learn_data, out, "--epochs", "1", "--save-steps", "1", "--lr", "1e30",
-                                "--warmup-ratio", "0"))
+    result = run_train(*base_args(learn_model, learn_data, out, "--epochs", "1", "--save-steps", "1", "--lr", "1e30",
+                                  "--warmup-ratio", "0"))
     assert result.exit_code == 1
     assert "the loss became nan at step 2" in result.stderr and "nothing was kept" in result.stderr
     assert not out.exists()  # the only checkpoint gave the NaN; a failed run without one leaves no DIR
 
 
 def test_fewer_batches_per_epoch_than_grad_accum_is_refused(learn_model, learn_data, tmp_path):
-    result = run_cli(*base_args(learn_model, learn_data, tmp_path / "out", "--grad-accum", "16"))
+    result = run_train(*base_args(learn_model, learn_data, tmp_path / "out", "--grad-accum", "16"))
     assert result.exit_code == 1
     assert "an epoch has only 10 batch(es)" in result.stderr and "unscale_() has already been called" in result.stderr
     assert not (tmp_path / "out").exists()
 
 
 def test_fp16_is_refused_with_the_reason(learn_model, learn_data, tmp_path):
-    result = run_cli(*base_args(learn_model, learn_data, tmp_path / "out", "--dtype", "float16"))
+    result = run_train(*base_args(learn_model, learn_data, tmp_path / "out", "--dtype", "float16"))
     assert result.exit_code == 1
     assert "fp16 training is refused" in result.stderr and "NaN" in result.stderr and "--allow-fp16" in result.stderr
 
 
 def test_strategy_needs_several_processes(learn_model, learn_data, tmp_path):
-    result = run_cli(*base_args(learn_model, learn_data, tmp_path / "out", "--strategy", "zero3"))
+    result = run_train(*base_args(learn_model, learn_data, tmp_path / "out", "--strategy", "zero3"))
     assert result.exit_code == 1 and "add --nproc N" in result.stderr
 
 
@@ -277,7 +239,7 @@ def test_untrained_template_tokens_warn_during_training(tiny_tokenizer, learn_da
     with torch.no_grad():
         model.model.embed_tokens.weight[end] = 0.0
     base = save_layout(state_dict_for_files(model), tmp_path / "base", config=model.config, tokenizer=tiny_tokenizer)
-    result = run_cli(*base_args(base, learn_data, tmp_path / "out", "--max-samples", "8", "--epochs", "1", "--json"))
+    result = run_train(*base_args(base, learn_data, tmp_path / "out", "--max-samples", "8", "--epochs", "1", "--json"))
     assert result.exit_code == 0, result.output
     assert "warning: the chat template's special tokens <|im_end|> look untrained" in result.stderr
     assert json.loads(result.stdout)["warnings"][0].startswith("the chat template's special tokens <|im_end|>")

@@ -6,12 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 from clicheck import assert_one_error
 from click.testing import CliRunner
 from conftest import shared_path
-from tiny import make_model, save_layout, state_dict_for_files
+from tiny import save_scaled_model
 
 from workbench.cli import wb
 from workbench.errors import WorkbenchError
@@ -19,20 +18,13 @@ from workbench.train.config import merge, read_config
 from workbench.train.data import load_conversations
 from workbench.train.datasets import resolve_sources
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def tiny_base(tmp_path_factory, tiny_tokenizer) -> Path:
-    model = make_model(len(tiny_tokenizer), seed=0)
-    folder = tmp_path_factory.mktemp("base") / "model"
-    return save_layout(state_dict_for_files(model), folder, config=model.config, tokenizer=tiny_tokenizer)
+    """The tiny Llama as initialised (no logit scaling: these runs check options, not learning)."""
+    return save_scaled_model(tmp_path_factory.mktemp("base") / "model", tiny_tokenizer, logit_scale=1)
 
 
 def lf_example(name: str, tmp_path: Path, base: Path) -> Path:

@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from clicheck import assert_one_error
 from click.testing import CliRunner
-from conftest import shared_path
-from tiny import make_model, save_layout, state_dict_for_files
+from conftest import run_train, shared_path, train_args
+from tiny import make_model, read_log
 
 from workbench.cli import wb
 from workbench.errors import WorkbenchError
@@ -23,23 +23,7 @@ from workbench.train.pref_data import encode_pairs, infer_seqlen, load_pairs
 from workbench.train.templates import resolve_template
 
 WORDS = ["Paris", "Rome", "four", "dress", "answer", "simple"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def learn_model(tmp_path_factory, tiny_tokenizer) -> Path:
-    model = make_model(len(tiny_tokenizer), seed=0)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(16)
-    folder = tmp_path_factory.mktemp("dpo-model") / "model"
-    return save_layout(state_dict_for_files(model), folder, config=model.config, tokenizer=tiny_tokenizer)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def alpaca_pairs() -> list[dict]:
@@ -54,25 +38,16 @@ def pref_data(tmp_path_factory) -> Path:
     return path
 
 
-def run_cli(*args: str):
-    return CliRunner().invoke(wb, ["train", *args])
-
-
 def dpo_args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
-    return ["--stage", "dpo", "--base", str(model), "--data", str(data), "--out", str(out), "--cutoff-len", "64",
-            "--batch-size", "4", "--grad-accum", "1", "--lr", "1e-2", "--logging-steps", "1", *extra]
-
-
-def read_log(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
+    return ["--stage", "dpo", *train_args(model, data, out, "--lr", "1e-2", "--logging-steps", "1", *extra)]
 
 
 @pytest.fixture(scope="module")
 def trained(learn_model, pref_data, tmp_path_factory):
     """24 pairs: 20 train / 4 validation, batch 4 -> 5 steps an epoch x 2 epochs, sigmoid DPO."""
     out = tmp_path_factory.mktemp("dpo-run") / "out"
-    result = run_cli(*dpo_args(learn_model, pref_data, out, "--epochs", "2", "--val-size", "4", "--eval-steps", "5",
-                               "--save-steps", "5", "--json"))
+    result = run_train(*dpo_args(learn_model, pref_data, out, "--epochs", "2", "--val-size", "4", "--eval-steps", "5",
+                                 "--save-steps", "5", "--json"))
     assert result.exit_code == 0, result.output
     return out, json.loads(result.stdout), result.stderr
 
@@ -195,8 +170,8 @@ def test_each_loss_trains_and_its_first_step_is_trls_formula(loss, learn_model, 
     data = tmp_path / "pref.json"
     data.write_text(json.dumps(alpaca_pairs()[:4]))  # one batch of 4: the first step sees every pair
     out = tmp_path / "out"
-    result = run_cli(*dpo_args(learn_model, data, out, "--pref-loss", loss, "--epochs", "2", "--pref-beta", "0.2",
-                               "--simpo-gamma", "0.3", "--warmup-ratio", "0", "--lr", "2e-3", "--json"))
+    result = run_train(*dpo_args(learn_model, data, out, "--pref-loss", loss, "--epochs", "2", "--pref-beta", "0.2",
+                                 "--simpo-gamma", "0.3", "--warmup-ratio", "0", "--lr", "2e-3", "--json"))
     assert result.exit_code == 0, result.output
     rows = read_log(out)
     assert [r["step"] for r in rows] == [1, 2]
@@ -226,11 +201,11 @@ def test_each_loss_trains_and_its_first_step_is_trls_formula(loss, learn_model, 
 
 def test_a_dpo_run_resumes_and_continues_the_step_count(learn_model, pref_data, tmp_path):
     out = tmp_path / "out"
-    first = run_cli(*dpo_args(learn_model, pref_data, out, "--epochs", "1", "--save-steps", "3",
-                              "--logging-steps", "2"))
+    first = run_train(*dpo_args(learn_model, pref_data, out, "--epochs", "1", "--save-steps", "3",
+                                "--logging-steps", "2"))
     assert first.exit_code == 0, first.output
-    again = run_cli(*dpo_args(learn_model, pref_data, out, "--epochs", "2", "--resume", "--logging-steps", "2",
-                              "--json"))
+    again = run_train(*dpo_args(learn_model, pref_data, out, "--epochs", "2", "--resume", "--logging-steps", "2",
+                                "--json"))
     assert again.exit_code == 0, again.output
     metrics = json.loads(again.stdout)
     assert metrics["resumed_from"] == "checkpoint-6" and metrics["steps"] == 12
@@ -247,13 +222,12 @@ def test_sft_then_dpo_from_the_adapter_is_one_adapter_that_merges(learn_model, p
     sft_data = tmp_path / "sft.json"
     sft_data.write_text(json.dumps([{"instruction": f"Say {w}", "input": "", "output": f"{w} {w}"} for w in WORDS] * 2))
     sft = tmp_path / "sft"
-    result = run_cli("--base", str(learn_model), "--data", str(sft_data), "--out", str(sft), "--cutoff-len", "64",
-                     "--batch-size", "4", "--grad-accum", "1", "--lr", "1e-2", "--epochs", "1")
+    result = run_train(*train_args(learn_model, sft_data, sft, "--lr", "1e-2", "--epochs", "1"))
     assert result.exit_code == 0, result.output
     dpo = tmp_path / "dpo"
     data = tmp_path / "pref.json"
     data.write_text(json.dumps(alpaca_pairs()[:4]))
-    result = run_cli(*dpo_args(learn_model, data, dpo, "--adapter", str(sft), "--epochs", "1"))
+    result = run_train(*dpo_args(learn_model, data, dpo, "--adapter", str(sft), "--epochs", "1"))
     assert result.exit_code == 0, result.output
     # the first loss is trl's sigmoid on the SFT adapter (policy) against the base (reference)
     from workbench.train.pref_data import encode_pairs as encode
@@ -324,11 +298,11 @@ def test_bad_records_are_dropped_and_named_by_file_and_line(tmp_path):
 def test_cli_errors_are_one_line(learn_model, tmp_path):
     empty = tmp_path / "same.json"
     empty.write_text(json.dumps([{"instruction": "Q", "input": "", "chosen": "x", "rejected": "x"}]))
-    assert_one_error(run_cli(*dpo_args(learn_model, empty, tmp_path / "o")), "chosen equals rejected")
+    assert_one_error(run_train(*dpo_args(learn_model, empty, tmp_path / "o")), "chosen equals rejected")
     good = tmp_path / "good.json"
     good.write_text(json.dumps(alpaca_pairs()[:4]))
-    assert_one_error(run_cli(*dpo_args(learn_model, good, tmp_path / "o", "--init", "pissa")), "--init pissa")
-    assert_one_error(run_cli(*dpo_args(learn_model, good, tmp_path / "o", "--train-on-prompt")), "--stage sft")
+    assert_one_error(run_train(*dpo_args(learn_model, good, tmp_path / "o", "--init", "pissa")), "--init pissa")
+    assert_one_error(run_train(*dpo_args(learn_model, good, tmp_path / "o", "--train-on-prompt")), "--stage sft")
 
 
 def test_truncation_cuts_the_prompt_first_and_keeps_both_end_of_turn_tokens(tiny_tokenizer):
@@ -379,14 +353,14 @@ def test_real_tokenizers_prompt_ids_are_the_generation_prompt(name):
 def test_dpo_zh_demo_by_name_through_the_dataset_dir(learn_model, tmp_path):
     folder = shared_path("data", "llamafactory")
     out = tmp_path / "out"
-    result = run_cli(*dpo_args(learn_model, Path("dpo_zh_demo"), out, "--dataset-dir", str(folder), "--max-samples",
-                               "8", "--epochs", "1", "--json"))
+    result = run_train(*dpo_args(learn_model, Path("dpo_zh_demo"), out, "--dataset-dir", str(folder), "--max-samples",
+                                 "8", "--epochs", "1", "--json"))
     assert result.exit_code == 0, result.output
     args = json.loads((out / "train_args.json").read_text())
     assert args["data"]["files"][0]["format"] == "sharegpt" and args["data"]["kept"] == 8
     assert json.loads(result.stdout)["steps"] == 2
-    assert_one_error(run_cli(*dpo_args(learn_model, Path("alpaca_zh_demo"), tmp_path / "o2", "--dataset-dir",
-                                       str(folder))), "not a preference dataset")
+    assert_one_error(run_train(*dpo_args(learn_model, Path("alpaca_zh_demo"), tmp_path / "o2", "--dataset-dir",
+                                         str(folder))), "not a preference dataset")
 
 
 def test_llamafactory_dpo_yaml_runs_through_config(learn_model, tmp_path):
@@ -398,8 +372,9 @@ def test_llamafactory_dpo_yaml_runs_through_config(learn_model, tmp_path):
                   output_dir=str(tmp_path / "out"))  # paths (and the demo set that is here) only
     path = tmp_path / "dpo.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
-    result = run_cli("--config", str(path), "--max-samples", "8", "--epochs", "1", "--batch-size", "4",
-                     "--grad-accum", "1", "--cutoff-len", "64", "--dtype", "fp32", "--logging-steps", "1", "--json")
+    result = run_train("--config", str(path), "--max-samples", "8", "--epochs", "1", "--batch-size", "4",
+                       "--grad-accum", "1", "--cutoff-len", "64", "--dtype", "fp32", "--logging-steps", "1",
+                       "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["steps"] == 2
     options = json.loads((tmp_path / "out" / "train_args.json").read_text())["options"]

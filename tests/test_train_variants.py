@@ -17,8 +17,9 @@ import pytest
 import torch
 from clicheck import assert_one_error
 from click.testing import CliRunner
+from conftest import run_train, train_args
 from safetensors.torch import load_file
-from tiny import make_model, save_layout, state_dict_for_files
+from tiny import read_log
 
 from workbench import quiet
 from workbench.cli import wb
@@ -26,35 +27,8 @@ from workbench.errors import WorkbenchError
 from workbench.train import adapters
 from workbench.weights.merge import quantized_base_note
 
-WORDS = ["Paris", "Rome", "four", "dress", "answer", "correct", "wrong", "simple"]
 IDS = torch.tensor([[1, 40, 41, 42, 43, 44, 45, 46], [1, 50, 51, 52, 53, 54, 55, 56]])
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Two cores shared with other test runs: one torch thread is many times faster than two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def learn_model(tmp_path_factory, tiny_tokenizer) -> Path:
-    """The tiny Llama with a pretrained-like logit scale (random init gives near-uniform logits)."""
-    model = make_model(len(tiny_tokenizer), seed=0)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(16)
-    folder = tmp_path_factory.mktemp("learn") / "model"
-    return save_layout(state_dict_for_files(model), folder, config=model.config, tokenizer=tiny_tokenizer)
-
-
-@pytest.fixture(scope="module")
-def learn_data(tmp_path_factory) -> Path:
-    """A learnable alpaca task: "Say X" -> "X X X" (40 records: 10 steps an epoch at batch 4)."""
-    path = tmp_path_factory.mktemp("data") / "say.json"
-    path.write_text(json.dumps([{"instruction": f"Say {w}", "input": "", "output": f"{w} {w} {w}"} for w in WORDS] * 5))
-    return path
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -76,9 +50,7 @@ def runs(tmp_path_factory, learn_model, learn_data):
 
 
 def train_cli(model: Path, data: Path, out: Path, *extra: str):
-    return CliRunner().invoke(wb, ["train", "--base", str(model), "--data", str(data), "--out", str(out),
-                                   "--cutoff-len", "64", "--batch-size", "4", "--grad-accum", "1",
-                                   "--logging-steps", "2", "--save-steps", "10", *extra])
+    return run_train(*train_args(model, data, out, "--logging-steps", "2", "--save-steps", "10", *extra))
 
 
 def merge_cli(base: Path, adapter: Path, out: Path):
@@ -88,8 +60,7 @@ def merge_cli(base: Path, adapter: Path, out: Path):
 
 
 def losses(out: Path) -> list[float]:
-    rows = [json.loads(line) for line in (out / "trainer_log.jsonl").read_text().splitlines()]
-    return [row["loss"] for row in rows if row["loss"] is not None]
+    return [row["loss"] for row in read_log(out) if row["loss"] is not None]
 
 
 def logits(folder: Path, adapter: Path | None = None, **load) -> torch.Tensor:

@@ -6,6 +6,7 @@ downloaded: the tokenizer is trained on a few lines of text, the weights are see
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -140,6 +141,50 @@ def save_tiny_model(out: Path, layout: str = "safetensors", dtype: torch.dtype =
     model = make_model(len(tokenizer), tie=tie, seed=seed)
     model.config.torch_dtype = dtype
     return save_layout(state_dict_for_files(model), out, layout, dtype, config=model.config, tokenizer=tokenizer)
+
+
+def save_scaled_model(out: Path, tokenizer, logit_scale: float) -> Path:
+    """The tiny Llama (seed 0, untied, fp32 as built) with lm_head multiplied by `logit_scale`: 16 gives a
+    pretrained-like logit scale a few LoRA steps can learn from (random init gives near-uniform logits)."""
+    model = make_model(len(tokenizer), seed=0)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(logit_scale)
+    return save_layout(state_dict_for_files(model), out, config=model.config, tokenizer=tokenizer)
+
+
+MMLU_SUBJECTS = {"nutrition": 5, "anatomy": 4}  # test questions each; odd and even: lm-eval pads a short rank
+
+
+def write_mmlu(root: Path, subjects: dict[str, int] = MMLU_SUBJECTS, dev: int = 5,
+               question: str = "{subject} {split} question {i}: which colour?",
+               choices: tuple[str, ...] = ("red", "blue", "green", "black")) -> Path:
+    """MMLU's official CSV layout (data/dev, data/test; no header): `dev` shots and subjects[s] test questions
+    a subject (`question` formatted with subject, split, i), answers spread over A-D."""
+    for subject, count in subjects.items():
+        for split, n in (("dev", dev), ("test", count)):
+            path = root / "data" / split / f"{subject}_{split}.csv"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("w", encoding="utf-8", newline="") as handle:
+                csv.writer(handle).writerows([[question.format(subject=subject, split=split, i=i), *choices,
+                                               "ABCD"[i % 4]] for i in range(n)])
+    return root
+
+
+def write_gen_data(path: Path, count: int) -> Path:
+    """`count` alpaca generation records: "Say the number i twice" -> "i i"."""
+    records = [{"instruction": f"Say the number {i} twice", "input": "", "output": f"{i} {i}"}
+               for i in range(count)]
+    path.write_text(json.dumps(records), encoding="utf-8")
+    return path
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def read_log(out: Path) -> list[dict]:
+    """The rows of a `wb train` run's OUT/trainer_log.jsonl."""
+    return read_jsonl(out / "trainer_log.jsonl")
 
 
 def perturbed(state: dict[str, torch.Tensor], scale: float = 0.01, seed: int = 1) -> dict[str, torch.Tensor]:

@@ -172,26 +172,28 @@ def line_chart(series: Sequence[Series], label: str, x_label: str, y_label: str,
     return _svg(width, height, label, *parts, standalone=standalone)
 
 
+def _train_eval_chart(rows: Sequence[dict], key: str, name: str, y_label: str, label: str,
+                      standalone: bool) -> Markup | None:
+    """trainer_log.jsonl's `key` by step: the train rows' as a line, `eval_<key>` as dots; None when the log
+    has neither."""
+    train = [(row["step"], row[key]) for row in rows if is_number(row.get(key))]
+    evals = [(row["step"], row[f"eval_{key}"]) for row in rows if is_number(row.get(f"eval_{key}"))]
+    series = [Series(f"train {name}", train)] if train else []
+    if evals:
+        series.append(Series(f"eval {name}", evals, markers=True))
+    return line_chart(series, label, "step", y_label, standalone=standalone) if series else None
+
+
 def loss_chart(rows: Sequence[dict], label: str, standalone: bool = False) -> Markup | None:
     """The loss curve of trainer_log.jsonl rows: train loss as a line, eval loss as dots; None when
     no loss was logged."""
-    train = [(row["step"], row["loss"]) for row in rows if is_number(row.get("loss"))]
-    evals = [(row["step"], row["eval_loss"]) for row in rows if is_number(row.get("eval_loss"))]
-    series = [Series("train loss", train)] if train else []
-    if evals:
-        series.append(Series("eval loss", evals, markers=True))
-    return line_chart(series, label, "step", "loss", standalone=standalone) if series else None
+    return _train_eval_chart(rows, "loss", "loss", "loss", label, standalone)
 
 
 def margin_chart(rows: Sequence[dict], label: str, standalone: bool = False) -> Markup | None:
     """A preference run's chosen-vs-rejected reward margin (trl's `rewards/margins` in trainer_log.jsonl):
     train as a line, eval as dots; None when the log has none (an SFT run)."""
-    train = [(row["step"], row["rewards/margins"]) for row in rows if is_number(row.get("rewards/margins"))]
-    evals = [(row["step"], row["eval_rewards/margins"]) for row in rows if is_number(row.get("eval_rewards/margins"))]
-    series = [Series("train margin", train)] if train else []
-    if evals:
-        series.append(Series("eval margin", evals, markers=True))
-    return line_chart(series, label, "step", "reward margin", standalone=standalone) if series else None
+    return _train_eval_chart(rows, "rewards/margins", "margin", "reward margin", label, standalone)
 
 
 def loss_svg(rows: Sequence[dict], label: str) -> str:
