@@ -22,7 +22,6 @@ from pathlib import Path
 from unittest import mock
 
 import pytest
-import torch
 import yaml
 from hostile import PATH_STRINGS, Sandbox, blobs, dumps, hostile_json_file, mutated_doc, run_wb
 from hypothesis import example, given, settings
@@ -41,12 +40,7 @@ FAST = settings(HOSTILE, max_examples=HOSTILE.max_examples if FUZZ else 25)  # p
 CLI = settings(HOSTILE, max_examples=HOSTILE.max_examples if FUZZ else 6)  # a `wb train` run per example
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tree_digest(*paths: Path) -> dict[str, str]:
