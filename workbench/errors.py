@@ -21,6 +21,13 @@ class WorkbenchError(Exception):
             else text
 
 
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """A library's error message cut to its first non-blank line (transformers' and torch's run to several
+    lines of advice; the first says what happened), at most `limit` characters."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return (lines[0] if lines else type(exc).__name__)[:limit]
+
+
 class CheckFailed(WorkbenchError):
     """Raised after a verification found failures; `failures` holds one line per failure."""
 

@@ -13,6 +13,7 @@ import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 from workbench.errors import WorkbenchError
 from workbench.train.datasets import DataSource, shown_names
@@ -123,12 +124,19 @@ def load_conversations(
         files.append(DataFile(str(path), hashlib.sha256(raw).hexdigest(), file_fmt, len(records), kept, dict(dropped),
                               source.name if source is not None else None))
     if not conversations:
+        refuse_empty("dataset", files)
+    return LoadedData(files, conversations)
+
+
+def refuse_empty(what: str, files: list[DataFile], reasons: Counter | None = None) -> NoReturn:
+    """The error for a set that filtering left empty: the drop reasons counted (`reasons`, else the
+    files' own), naming the files."""
+    if reasons is None:
         reasons = Counter()
         for f in files:
             reasons.update(f.dropped)
-        detail = "; ".join(f"{reason} ({count})" for reason, count in reasons.most_common()) or "no records"
-        raise WorkbenchError(f"the dataset is empty after filtering: {detail}", ",".join(f.path for f in files))
-    return LoadedData(files, conversations)
+    detail = "; ".join(f"{reason} ({count})" for reason, count in reasons.most_common()) or "no records"
+    raise WorkbenchError(f"the {what} is empty after filtering: {detail}", ",".join(f.path for f in files))
 
 
 def _lf_converter(source: DataSource, records: list[dict], path: Path):

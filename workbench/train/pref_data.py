@@ -43,6 +43,7 @@ from workbench.train.data import (
     _from_sharegpt,
     _parse_records,
     _read_bytes,
+    refuse_empty,
 )
 from workbench.train.datasets import DataSource, shown_names
 from workbench.train.templates import ChatTemplate
@@ -110,12 +111,7 @@ def load_pairs(sources: list[DataSource], max_samples: int | None = None) -> Loa
         files.append(DataFile(str(source.path), hashlib.sha256(raw).hexdigest(), fmt, len(records),
                               len(records) - sum(dropped.values()), counted, source.name))
     if not pairs:
-        reasons = Counter()
-        for f in files:
-            reasons.update(f.dropped)
-        detail = "; ".join(f"{reason} ({count})" for reason, count in reasons.most_common()) or "no records"
-        raise WorkbenchError(f"the preference dataset is empty after filtering: {detail}",
-                             ",".join(str(s.path) for s in sources))
+        refuse_empty("preference dataset", files)
     return LoadedPairs(files, pairs)
 
 

@@ -44,7 +44,7 @@ import torch
 
 import workbench
 from workbench.dtypes import resolve_compute_dtype, resolve_device
-from workbench.errors import WorkbenchError
+from workbench.errors import WorkbenchError, first_line
 from workbench.io.reader import open_checkpoint
 from workbench.outputs import check_not_input
 from workbench.provenance import versions, weight_fingerprints
@@ -52,7 +52,7 @@ from workbench.report.svg import loss_svg
 from workbench.train import adapters
 from workbench.train.checks import untrained_special_tokens
 from workbench.train.config import config_record, copy_config
-from workbench.train.data import LoadedData, load_conversations
+from workbench.train.data import LoadedData, load_conversations, refuse_empty
 from workbench.train.datasets import DataSource, default_dataset_dir, resolve_sources
 from workbench.train.encode import EncodedSet, encode_all
 from workbench.train.launch import config_file
@@ -216,19 +216,19 @@ def _resolve(given: dict) -> Run:
     command = options.pop("command")
     started, clock = datetime.now(timezone.utc), time.perf_counter()
     base, out = given["base"], Path(given["out"])
+    config = Path(given["config"]) if given["config"] is not None else None
     dataset_dir = Path(given["dataset_dir"]) if given["dataset_dir"] is not None else default_dataset_dir()
     data = resolve_sources(given["data"], dataset_dir)
     options.update(base=str(base), out=str(out), data=[str(p) for p in given["data"]],
                    data_files=[str(s.path) for s in data], dataset_dir=str(dataset_dir) if dataset_dir else None,
-                   config=config_record(Path(given["config"])) if given["config"] is not None else None)
+                   config=config_record(config) if config is not None else None)
     if options["strategy"] and not _under_launcher():
         raise WorkbenchError(f"--strategy {options['strategy']} needs several processes: add --nproc N "
                              "(or use accelerate launch)")
     run_device = resolve_device(options["device"])
     compute = resolve_compute_dtype(options["dtype"], run_device)
     _check_dtype(compute, run_device, options["allow_fp16"])
-    check_not_input(out, [base if Path(base).exists() else None, *(s.path for s in data),
-                          Path(given["config"]) if given["config"] is not None else None])
+    check_not_input(out, [base if Path(base).exists() else None, *(s.path for s in data), config])
     resume_from = _resume_point(out, options["resume"], options["force"])
     if options["adapter"] is not None:
         options["adapter"] = str(options["adapter"])  # recorded in train_args.json
@@ -264,8 +264,7 @@ def finish_data(run: Run, loaded, encoded, chat: ChatTemplate, tokenizer, what: 
     """The data stage's end, for SFT and preference data: an empty set refused (the reasons counted), the
     validation split, and the tokenizer given the template it encoded with and a pad token."""
     if not encoded.examples:
-        detail = "; ".join(f"{r} ({n})" for r, n in encoded.dropped.most_common())
-        raise WorkbenchError(f"the {what} is empty after filtering: {detail}", ",".join(f.path for f in loaded.files))
+        refuse_empty(what, loaded.files, encoded.dropped)
     train_set, val_set = _split(encoded.examples, run.options["val_size"], run.options["seed"])
     if chat.name != "auto":
         tokenizer.chat_template = chat.source
@@ -470,7 +469,7 @@ def _load_tokenizer(base: str, trust_remote_code: bool):
     try:
         return AutoTokenizer.from_pretrained(base, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
-        raise WorkbenchError(f"cannot load the tokenizer: {(str(exc).splitlines() or [type(exc).__name__])[0][:300]}",
+        raise WorkbenchError(f"cannot load the tokenizer: {first_line(exc)}",
                              base) from None
 
 
@@ -490,7 +489,7 @@ def _load_model(base: str, compute: torch.dtype, strategy: str | None, trust_rem
         model = AutoModelForCausalLM.from_pretrained(base, dtype=load_dtype, trust_remote_code=trust_remote_code,
                                                      **placed)
     except (OSError, ValueError) as exc:
-        raise WorkbenchError(f"cannot load the base model: {(str(exc).splitlines() or [type(exc).__name__])[0][:300]}",
+        raise WorkbenchError(f"cannot load the base model: {first_line(exc)}",
                              base) from None
     if quantization is not None:
         adapters.release_checkpoint_memory(model)

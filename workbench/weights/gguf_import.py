@@ -22,7 +22,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from workbench.errors import WorkbenchError
+from workbench.errors import WorkbenchError, first_line
 from workbench.io.hashing import sha256_file
 from workbench.io.reader import open_checkpoint
 from workbench.outputs import atomic_dir, check_can_write, check_not_input
@@ -335,14 +335,9 @@ def load_gguf(path: Path):
         # is about metadata it cannot convert, and it raises anything for that: ValueError, KeyError,
         # TypeError, ZeroDivisionError, RuntimeError (shapes), huggingface_hub's validation errors.
         # `from exc`: `wb --debug` shows transformers' own traceback.
-        raise WorkbenchError(f"transformers cannot load this GGUF file: {type(exc).__name__}: {_first_line(exc)}",
+        raise WorkbenchError(f"transformers cannot load this GGUF file: {type(exc).__name__}: {first_line(exc)}",
                              path) from exc
     return model.eval(), tokenizer
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return lines[0] if lines else type(exc).__name__
 
 
 def dequantized_copy(model, dtype=None):
