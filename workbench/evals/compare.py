@@ -79,60 +79,37 @@ def _folder_name(path: Path) -> str:
     return Path(path).resolve().name
 
 
+PER_MODEL = ("adapter", "out", "force", "command", "check_only")  # evaluate's options that compare sets itself
+
+
 def compare(
     base: str | Path,
     *,
     tuned: Sequence[str | Path] = (),
     adapters: Sequence[str | Path] = (),
-    tasks: Sequence[str] = (),
-    data_dir: Sequence[str] = (),
-    gen_data: str | Path | None = None,
-    num_fewshot: int | None = None,
-    limit: int | None = None,
-    batch_size: int | str = "auto",
-    device: str = "auto",
-    dtype: str = "auto",
-    chat_template: bool | None = None,
-    max_new_tokens: int = 128,
-    trust_remote_code: bool = False,
-    system_prompt: str | None = None,
-    fewshot_as_multiturn: bool = False,
-    cache: str | Path | None = None,
-    backend: str = "hf",
-    parallelize: bool = False,
-    max_memory_per_gpu: str | None = None,
-    offload_folder: str | Path | None = None,
-    tensor_parallel_size: int = 1,
-    data_parallel_size: int = 1,
-    gpu_memory_utilization: float = 0.9,
-    max_model_len: int | None = None,
     out: str | Path,
     force: bool = False,
     title: str | None = None,
     max_samples: int = 10,
     command: str | None = None,
     log: Callable[[str], None] = lambda message: None,
+    **evaluation: Any,
 ) -> CompareResult:
     """Evaluate (or re-use) every model, then write `out/index.html`; `force` re-evaluates everything.
 
-    The evaluation options are `workbench.evals.run.evaluate`'s, the same for every model. Those that change
-    what is scored (tasks, shots, system prompt, backend, ...) decide whether a results file is re-used;
-    those that only place the work (cache, parallelize, memory, tensor/data parallel sizes) do not.
+    `evaluation`: `workbench.evals.run.evaluate`'s keyword options (tasks, data_dir, gen_data, ..., backend,
+    cache), with its defaults, the same for every model. Those that change what is scored (tasks, shots,
+    system prompt, backend, ...) decide whether a results file is re-used; those that only place the work
+    (cache, parallelize, memory, tensor/data parallel sizes) do not.
     """
     if not tuned and not adapters:
         raise WorkbenchError("nothing to compare: give a tuned model or an adapter")
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise WorkbenchError("--out must be a folder", out)
-    check_not_input(out, [base, *tuned, *adapters, gen_data, *(spec.split("=", 1)[-1] for spec in data_dir)])
-    settings = {"tasks": list(tasks), "num_fewshot": num_fewshot, "limit": limit, "data_dir": list(data_dir),
-                "gen_data": gen_data, "batch_size": batch_size, "chat_template": chat_template,
-                "max_new_tokens": max_new_tokens, "dtype": dtype, "system_prompt": system_prompt,
-                "fewshot_as_multiturn": fewshot_as_multiturn, "backend": backend, "max_model_len": max_model_len}
-    placement = {"cache": cache, "parallelize": parallelize, "max_memory_per_gpu": max_memory_per_gpu,
-                 "offload_folder": offload_folder, "tensor_parallel_size": tensor_parallel_size,
-                 "data_parallel_size": data_parallel_size, "gpu_memory_utilization": gpu_memory_utilization}
-    eval_kwargs = {**settings, **placement, "device": device, "trust_remote_code": trust_remote_code}
+    eval_kwargs = _evaluation_options(evaluation)
+    check_not_input(out, [base, *tuned, *adapters, eval_kwargs["gen_data"],
+                          *(spec.split("=", 1)[-1] for spec in eval_kwargs["data_dir"])])
     result = CompareResult(out / REPORT_NAME, [])
     # The base shared by every candidate is hashed once per comparison, not once per candidate.
     weight_hashes = functools.cache(weight_fingerprints)
@@ -141,7 +118,7 @@ def compare(
         path = out / candidate.filename
         result.results.append(path)
         if path.exists() and not force:
-            reasons = reuse_mismatches(load_results(path), candidate, settings, weight_hashes)
+            reasons = reuse_mismatches(load_results(path), candidate, eval_kwargs, weight_hashes)
             if not reasons:
                 log(f"re-using {path} ({candidate.name}: same weights and settings)")
                 result.reused.append(candidate.name)
@@ -151,7 +128,7 @@ def compare(
         todo.append((candidate, path))
     if todo:
         _check_options(eval_kwargs)
-    _check_candidates([candidate for candidate, _ in todo], trust_remote_code)
+    _check_candidates([candidate for candidate, _ in todo], eval_kwargs["trust_remote_code"])
     for candidate, path in todo:
         log(f"evaluating {candidate.name}")
         _run_evaluate(candidate, path, eval_kwargs, force=path.exists())
@@ -165,6 +142,19 @@ def compare(
 def is_train_output(folder: Path) -> bool:
     """An adapter written by `wb train` brings its training run into the report."""
     return (folder / "train_args.json").is_file() and (folder / "trainer_log.jsonl").is_file()
+
+
+def _evaluation_options(given: dict[str, Any]) -> dict[str, Any]:
+    """`evaluate`'s keyword options, its own defaults filled in: its signature is the one list of them.
+    The per-model ones (model, adapter, out, ...) are compare's to set; tasks and data_dir become lists."""
+    from workbench.evals.run import OPTION_DEFAULTS
+
+    shared = {name: default for name, default in OPTION_DEFAULTS.items() if name not in PER_MODEL}
+    unknown = sorted(set(given) - set(shared))
+    if unknown:
+        raise TypeError(f"compare() got unexpected evaluation option(s): {', '.join(unknown)}")
+    options = {**shared, **given}
+    return {**options, "tasks": list(options["tasks"]), "data_dir": list(options["data_dir"] or ())}
 
 
 def _check_options(kwargs: dict[str, Any]) -> None:

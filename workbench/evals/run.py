@@ -9,6 +9,7 @@ answer with its scores). Every file appears only when complete; none is overwrit
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import logging
 import time
@@ -181,6 +182,12 @@ def evaluate(
     with atomic_file(plan.out, force=force) as handle:
         handle.write(text)
     return EvalResult(json.loads(text), plan.out)
+
+
+# evaluate's keyword options and their defaults, read once (a test may replace `evaluate`): `wb compare`
+# forwards these.
+OPTION_DEFAULTS = {name: parameter.default for name, parameter in inspect.signature(evaluate).parameters.items()
+                   if parameter.kind is inspect.Parameter.KEYWORD_ONLY}
 
 
 def _plan(model, adapter, tasks, data_dir, gen_data, limit, num_fewshot, max_new_tokens, batch_size, device, dtype,
