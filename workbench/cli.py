@@ -601,15 +601,10 @@ def eval_command(ctx, model, adapter, out, nproc, force, as_json, **evaluation):
     from workbench.train.launch import relaunch
 
     if nproc is not None:
-        from workbench.errors import WorkbenchError
-        from workbench.evals.parallel import current, run_launcher
+        from workbench.evals.parallel import run_launcher
+        from workbench.evals.run import check_launch
 
-        if current().size > 1:
-            raise WorkbenchError("--nproc launches the processes itself: leave it out under accelerate launch")
-        from workbench.evals.backends import BackendOptions, check_processes
-
-        check_processes(BackendOptions(evaluation["backend"], evaluation["parallelize"]), nproc)
-        evaluate(model, adapter=adapter, out=out, force=force, check_only=True, **evaluation)
+        check_launch(nproc, model, adapter=adapter, out=out, force=force, **evaluation)
         debug = ctx.obj.get("debug", False)
         ctx.exit(relaunch(ctx.command, ctx.params, nproc, "ddp", debug=debug,
                           run=lambda launch: run_launcher(launch, debug)))

@@ -190,6 +190,17 @@ OPTION_DEFAULTS = {name: parameter.default for name, parameter in inspect.signat
                    if parameter.kind is inspect.Parameter.KEYWORD_ONLY}
 
 
+def check_launch(nproc: int, model: str | Path, **evaluation) -> None:
+    """What `wb eval --nproc N`'s parent checks before it starts any process: that it is not already under
+    a launcher, that the backend can run in N processes, and every input and output (`check_only`)."""
+    if parallel.current().size > 1:
+        raise WorkbenchError("--nproc launches the processes itself: leave it out under accelerate launch")
+    from workbench.evals.backends import check_processes
+
+    check_processes(BackendOptions(evaluation.get("backend", "hf"), evaluation.get("parallelize", False)), nproc)
+    evaluate(model, check_only=True, **evaluation)
+
+
 def _plan(model, adapter, tasks, data_dir, gen_data, limit, num_fewshot, max_new_tokens, batch_size, device, dtype,
           out, force, *, chat_template: bool | None = None, system_prompt: str | None = None,
           fewshot_as_multiturn: bool = False, backend: BackendOptions | None = None) -> _Plan:
