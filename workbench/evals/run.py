@@ -22,7 +22,7 @@ from unittest import mock
 from workbench import provenance
 from workbench.errors import WorkbenchError
 from workbench.evals import parallel
-from workbench.evals.backends import BackendOptions
+from workbench.evals.backends import DEFAULT_GPU_MEMORY_UTILIZATION, BackendOptions
 from workbench.evals.cache import RequestLayer, RequestStore, model_key, summed_counts
 from workbench.evals.results import LM_EVAL_KEYS, RESULTS_VERSION
 from workbench.io.hashing import sha256_file
@@ -78,7 +78,7 @@ def evaluate(
     offload_folder: str | Path | None = None,
     tensor_parallel_size: int = 1,
     data_parallel_size: int = 1,
-    gpu_memory_utilization: float = 0.9,
+    gpu_memory_utilization: float = DEFAULT_GPU_MEMORY_UTILIZATION,
     max_model_len: int | None = None,
     out: Path,
     force: bool = False,
